@@ -1,0 +1,1 @@
+"""Command-line front end of gpconv (installed as the ``gpconv`` console script)."""

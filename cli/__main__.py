@@ -1,0 +1,3 @@
+from gpconv_cli.main import main
+
+main()

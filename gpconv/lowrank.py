@@ -1,0 +1,74 @@
+"""Low-rank factorisations: the whitened-SVD baseline and the low-rank half of the hybrid block.
+
+Activation-aware ("whitened") truncated SVD: with ``C = E[x x^T] = L L^T``, the rank-``r``
+``B A`` minimising ``E||W x - B A x||^2 = ||(W - B A) L||_F^2`` is the truncated SVD of ``W L``
+mapped back through ``L^{-1}`` (Eckart-Young in the whitened space). Without calibration data
+(``C = I``) it is the plain truncated SVD.
+
+The hybrid ``G(x) + B(A(x))`` is fitted by alternating the two exact sub-problems: ``B A`` =
+whitened SVD of ``W - G``, then ``G`` = io least squares on ``W - B A``. Each step can only lower
+the objective, and starting from ``G = 0`` the first step *is* the SVD baseline, so the hybrid
+never starts worse than plain low-rank of the same rank.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def _whitener(cov: torch.Tensor | None, n: int, ridge: float, device) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(L, L^-1)`` with ``C + lambda I = L L^T``, or None for ``C = I``."""
+    if cov is None:
+        return None
+    c = cov.to(torch.float64)
+    lam = ridge * c.diagonal().mean().clamp_min(1e-12)
+    c = c + lam * torch.eye(n, dtype=c.dtype, device=c.device)
+    chol = torch.linalg.cholesky(c)
+    inv = torch.linalg.solve_triangular(chol, torch.eye(n, dtype=c.dtype, device=c.device), upper=False)
+    return chol.to(device), inv.to(device)
+
+
+@torch.no_grad()
+def whitened_svd(weight: torch.Tensor, rank: int, cov: torch.Tensor | None = None, ridge: float = 1e-2):
+    """Rank-``rank`` factors ``(B (out, r), A (r, in))`` of ``weight`` (out, in), float64."""
+    w = weight.detach().to(torch.float64)
+    wh = _whitener(cov, w.shape[1], ridge, w.device)
+    m = w if wh is None else w @ wh[0]
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    r = min(rank, s.numel())
+    root = s[:r].sqrt()
+    b = u[:, :r] * root  # (out, r)
+    a = root[:, None] * vh[:r]  # (r, in), whitened coordinates
+    if wh is not None:
+        a = a @ wh[1]
+    if r < rank:  # rank above min(out, in): pad with zeros so shapes match the spec
+        b = torch.cat([b, b.new_zeros(b.shape[0], rank - r)], 1)
+        a = torch.cat([a, a.new_zeros(rank - r, a.shape[1])], 0)
+    return b, a
+
+
+@torch.no_grad()
+def init_lowrank_(module, weight: torch.Tensor, cov: torch.Tensor | None = None, ridge: float = 1e-2, rounds: int = 4):
+    """Initialise a :class:`~gpconv.layers.LowRankLinear` or a hybrid block from ``weight``."""
+    from .init import fit_io_weight
+    from .layers import LowRankLinear, io_dense
+
+    w = weight.detach().to(torch.float64)
+    if isinstance(module, LowRankLinear):
+        b, a = whitened_svd(w, module.rank, cov, ridge)
+        module.lowrank_b.copy_(b)
+        module.lowrank_a.copy_(a)
+        return
+    # hybrid: alternate exact fits of the low-rank and the grouped part
+    idx = module.gather_index(w.device)
+    g = torch.zeros(module.groups, module.out_features // module.groups, idx.shape[1], dtype=torch.float64,
+                    device=w.device)
+    gd = torch.zeros_like(w)
+    for _ in range(rounds):
+        b, a = whitened_svd(w - gd, module.rank, cov, ridge)
+        g = fit_io_weight(w - b @ a, module.groups, idx, cov, ridge)
+        gd = io_dense(g, idx, w.shape[1])
+    module.weight.copy_(g)
+    module.lowrank_b.copy_(b)
+    module.lowrank_a.copy_(a)
+
