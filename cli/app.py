@@ -1,0 +1,110 @@
+"""The Typer app and the helpers every command module shares.
+
+Each command parses options, calls ``gpconv.*``, and prints. A mistake the user can make
+surfaces as :class:`gpconv.GPConvError`: one line on stderr, exit status 2, nothing written.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from pathlib import Path
+from typing import Optional
+
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import typer  # noqa: E402
+
+app = typer.Typer(
+    name="gpconv",
+    help="Shrink causal LMs with grouped pointwise blocks (kphi-3), report the parameter budget, recover quality.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
+)
+
+DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"
+
+
+def user_errors(fn):
+    """Turn GPConvError (and Ctrl-C) into one line + exit status, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from gpconv.errors import GPConvError
+
+        try:
+            return fn(*args, **kwargs)
+        except GPConvError as e:
+            typer.echo(f"gpconv: error: {e}", err=True)
+            raise typer.Exit(2)
+        except KeyboardInterrupt:
+            typer.echo("gpconv: interrupted", err=True)
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def _split(values: Optional[List[str]]) -> Optional[List[str]]:
+    """``-t q_proj -t k_proj`` and ``-t q_proj,k_proj`` both give ['q_proj', 'k_proj']."""
+    if not values:
+        return None
+    out = [v.strip() for item in values for v in item.split(",") if v.strip()]
+    return out or None
+
+
+def _overrides(values: Optional[List[str]]) -> dict:
+    from gpconv.errors import GPConvError
+
+    out = {}
+    for item in values or []:
+        pat, sep, n = item.rpartition("=")
+        if not sep or not pat:
+            raise GPConvError(f"--override takes PATTERN=N, got {item!r}")
+        try:
+            out[pat] = int(n)
+        except ValueError:
+            raise GPConvError(f"--override {item!r}: {n!r} is not an integer") from None
+    return out
+
+
+def _rank(value: Optional[str]):
+    from gpconv.errors import GPConvError
+
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        try:
+            return float(value)
+        except ValueError:
+            raise GPConvError(f"--rank takes an integer rank or a fraction like 0.1, got {value!r}") from None
+
+
+def _config(targets, exclude, mcpg, overrides, variant, init, rank):
+    from gpconv import GPConvConfig
+
+    targets = _split(targets)
+    if targets is not None and len(targets) == 1:
+        targets = targets[0]  # a single pattern may be a preset or a regex
+    return GPConvConfig(
+        target_modules=targets or "all-linear",
+        exclude_modules=_split(exclude),
+        min_channels_per_group=256 if mcpg is None else mcpg,
+        min_channels_per_group_overrides=_overrides(overrides),
+        variant=variant or "io",
+        init=init or "random",
+        rank=_rank(rank),
+    )
+
+
+def _emit(report, as_json: bool, markdown: Optional[Path], max_rows: int = 60):
+    if markdown is not None:
+        markdown.write_text(report.to_markdown())
+    if as_json:
+        typer.echo(report.to_json())
+    else:
+        report.print(max_rows=max_rows)

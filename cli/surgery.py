@@ -1,0 +1,132 @@
+"""Surgery commands: shrink, report, densify."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .app import DEFAULT_MODEL, _config, _emit, app, user_errors
+
+# Options shared by shrink and report -------------------------------------------------------
+
+_T = typer.Option(None, "--targets", "-t", help="Layers to replace: presets all-linear|attention|mlp, name suffixes, or a regex. Repeat or comma-separate.")
+_X = typer.Option(None, "--exclude", "-x", help="Layers never to replace (same pattern rules).")
+_V = typer.Option(None, "--variant", help="io (paper default) | chained | hybrid | lowrank.")
+_I = typer.Option(None, "--init", help="random (paper, train from scratch) | project | fit (needs calibration data).")
+_R = typer.Option(None, "--rank", help="Low-rank size for hybrid/lowrank: an int, or a fraction of each layer's parameters (0.1).")
+_O = typer.Option(None, "--override", help="Per-pattern min_channels_per_group, PATTERN=N (repeatable), e.g. down_proj=128.")
+
+
+@app.command(
+    epilog="""**Examples**
+
+    gpconv shrink tiny-phi3 --out tiny-kphi3 --min-channels-per-group 64
+
+    gpconv shrink microsoft/Phi-3-mini-4k-instruct --out kphi3-mini --dtype bfloat16
+
+    gpconv shrink smollm2-135m-instruct --out smol-grouped -m 64 --targets mlp --dry-run
+
+    gpconv shrink ./my-model --out ./small -t q_proj,k_proj,v_proj -x 'model\\.layers\\.0\\..*' --json
+"""
+)
+@user_errors
+def shrink(
+    model: str = typer.Argument(DEFAULT_MODEL, help="Hub id, local directory, .gguf file, or a built-in name (tiny-phi3, smollm2-135m-instruct)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (a normal HF checkpoint directory)."),
+    min_channels_per_group: Optional[int] = typer.Option(None, "--min-channels-per-group", "-m", help="groups = largest common divisor of in and out <= in // this. [default: 256]"),
+    targets: Optional[List[str]] = _T,
+    exclude: Optional[List[str]] = _X,
+    override: Optional[List[str]] = _O,
+    variant: Optional[str] = _V,
+    init: Optional[str] = _I,
+    rank: Optional[str] = _R,
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16 (weights as loaded and saved)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Plan and report only; reads the config, not the weights."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
+):
+    """Replace a model's dense layers by grouped pointwise blocks and save it."""
+    import gpconv
+    from gpconv.errors import GPConvError
+    from gpconv.io import check_output_dir
+
+    cfg = _config(targets, exclude, min_channels_per_group, override, variant, init, rank)
+    if dry_run:
+        m, _ = gpconv.load_model(model, meta=True)
+        report = gpconv.shrink(m, cfg, dry_run=True, model_name=model)
+        _emit(report, as_json, None)
+        return
+    if out is None:
+        raise GPConvError("--out DIR is required (or use --dry-run)")
+    check_output_dir(out, overwrite)
+    if cfg.init == "fit":
+        raise GPConvError("--init fit needs calibration data; use `gpconv shrink ... --init project` or the Python API")
+    m, tok = gpconv.load_model(model, dtype=dtype)
+    report = gpconv.shrink(m, cfg, model_name=model)
+    gpconv.save_pretrained(m, out, tok, overwrite=overwrite)
+    (out / "gpconv_report.json").write_text(report.to_json() + "\n")
+    (out / "gpconv_report.md").write_text(report.to_markdown())
+    _emit(report, as_json, None)
+    if not as_json:
+        typer.echo(f"saved to {out}  (load: gpconv.from_pretrained({str(out)!r}))")
+
+
+@app.command(
+    epilog="""**Examples**
+
+    gpconv report tiny-phi3
+
+    gpconv report ./phi3-2layer-config-dir -m 256       (dense vs shrunk, from config.json only)
+
+    gpconv report ./kphi3-mini --json
+"""
+)
+@user_errors
+def report(
+    model: str = typer.Argument(..., help="Model directory (config.json alone is enough), hub id, .gguf, or built-in name."),
+    min_channels_per_group: Optional[int] = typer.Option(None, "--min-channels-per-group", "-m", help="With any surgery option, report dense vs shrunk."),
+    targets: Optional[List[str]] = _T,
+    exclude: Optional[List[str]] = _X,
+    override: Optional[List[str]] = _O,
+    variant: Optional[str] = _V,
+    rank: Optional[str] = _R,
+    as_json: bool = typer.Option(False, "--json", help="JSON instead of tables."),
+    markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write the report as Markdown to this file."),
+    max_rows: int = typer.Option(60, "--max-rows", help="Module rows shown in the terminal table."),
+):
+    """Parameter budget of a model (built on the meta device: no weights are read).
+
+    With surgery options (-m, -t, --variant, ...) it shows what `gpconv shrink` would do.
+    """
+    import gpconv
+    from gpconv.surgery import describe
+
+    m, _ = gpconv.load_model(model, meta=True)
+    if any(v is not None for v in (min_channels_per_group, targets, exclude, override, variant, rank)):
+        cfg = _config(targets, exclude, min_channels_per_group, override, variant, None, rank)
+        rep = gpconv.shrink(m, cfg, dry_run=True, model_name=model)
+    else:
+        rep = describe(m, model_name=model)
+    _emit(rep, as_json, markdown, max_rows)
+
+
+@app.command(
+    epilog="""**Example**
+
+    gpconv densify ./kphi3-mini --out ./kphi3-mini-dense
+"""
+)
+@user_errors
+def densify(
+    model_dir: Path = typer.Argument(..., help="A gpconv checkpoint directory."),
+    out: Path = typer.Option(..., "--out", "-o", help="Where to write the plain dense model."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
+):
+    """Write the exact dense equivalent of a shrunk model (loadable by plain transformers)."""
+    from gpconv.io import densify_dir
+
+    densify_dir(model_dir, out, overwrite=overwrite, dtype=dtype)
+    typer.echo(f"saved dense model to {out}")
