@@ -84,7 +84,8 @@ def _rank(value: Optional[str]):
             raise GPConvError(f"--rank takes an integer rank or a fraction like 0.1, got {value!r}") from None
 
 
-def _config(targets, exclude, mcpg, overrides, variant, init, rank):
+def _config(targets, exclude, mcpg, overrides, variant, init, rank, **more):
+    """A GPConvConfig from CLI values; ``more`` passes further fields (None = the default)."""
     from gpconv import GPConvConfig
 
     targets = _split(targets)
@@ -98,7 +99,20 @@ def _config(targets, exclude, mcpg, overrides, variant, init, rank):
         variant=variant or "io",
         init=init or "random",
         rank=_rank(rank),
+        **{k: v for k, v in more.items() if v is not None},
     )
+
+
+def _layer_list(value: Optional[str]):
+    """``"0,1,2"`` -> (0, 1, 2)."""
+    from gpconv.errors import GPConvError
+
+    if value is None:
+        return None
+    try:
+        return tuple(int(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise GPConvError(f"--keep-layers takes comma-separated layer indices like 0,1,2, got {value!r}") from None
 
 
 def _emit(report, as_json: bool, markdown: Optional[Path], max_rows: int = 60):

@@ -2,6 +2,8 @@
 
 from .app import app
 from . import surgery  # noqa: F401  (registers shrink, report, densify)
+from . import bench  # noqa: F401
+from . import recovery  # noqa: F401  (registers distill, train, eval, generate)
 
 
 def main():

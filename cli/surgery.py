@@ -7,7 +7,7 @@ from typing import List, Optional
 
 import typer
 
-from .app import DEFAULT_MODEL, _config, _emit, app, user_errors
+from .app import DEFAULT_MODEL, _config, _emit, _layer_list, app, user_errors
 
 # Options shared by shrink and report -------------------------------------------------------
 
@@ -46,13 +46,29 @@ def shrink(
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan and report only; reads the config, not the weights."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
+    target_params: Optional[str] = typer.Option(None, "--target-params", help="Land at or just under this many non-embedding parameters: a fraction (0.25) or a count (53M). The budget solver picks each layer's block."),
+    permute: bool = typer.Option(False, "--permute", help="io/hybrid: try a per-layer input channel order, kept where it lowers the error."),
+    num_layers: Optional[int] = typer.Option(None, "--num-layers", help="Depth truncation: keep this many decoder layers."),
+    keep_layers: Optional[str] = typer.Option(None, "--keep-layers", help="Depth truncation: keep these decoder layers, e.g. 0,1,2."),
+    layer_selection: Optional[str] = typer.Option(None, "--layer-selection", help="With --num-layers: first (paper) | importance (needs calibration data)."),
+    calibration_data: Optional[str] = typer.Option(None, "--calibration-data", help="Data for --init fit, error reports, budget and importance: a local json/jsonl/csv/parquet/txt file, a hub dataset id, or lamini."),
+    calibration_blocks: int = typer.Option(32, "--calibration-blocks", help="Calibration blocks (a quarter is held out to measure errors)."),
+    calibration_block_size: int = typer.Option(256, "--calibration-block-size", help="Tokens per calibration block."),
+    calibration_format: str = typer.Option("chat-template", "--calibration-format", help="kphi3 | chat-template | plain."),
+    sequential: bool = typer.Option(False, "--sequential", help="Fit layer by layer on the already-shrunk prefix (needs calibration data)."),
+    measure_options: bool = typer.Option(False, "--measure-options", help="Report each layer's error for io project / io fit / low-rank / hybrid at the same size."),
 ):
     """Replace a model's dense layers by grouped pointwise blocks and save it."""
     import gpconv
     from gpconv.errors import GPConvError
     from gpconv.io import check_output_dir
 
-    cfg = _config(targets, exclude, min_channels_per_group, override, variant, init, rank)
+    cfg = _config(targets, exclude, min_channels_per_group, override, variant, init, rank,
+                  target_params=target_params, permute=permute or None, num_layers=num_layers,
+                  keep_layers=_layer_list(keep_layers), layer_selection=layer_selection,
+                  measure_options=measure_options or None)
+    if sequential and calibration_data is None:
+        raise GPConvError("--sequential needs --calibration-data")
     if dry_run:
         m, _ = gpconv.load_model(model, meta=True)
         report = gpconv.shrink(m, cfg, dry_run=True, model_name=model)
@@ -61,11 +77,35 @@ def shrink(
     if out is None:
         raise GPConvError("--out DIR is required (or use --dry-run)")
     check_output_dir(out, overwrite)
-    if cfg.init == "fit":
-        raise GPConvError("--init fit needs calibration data; use `gpconv shrink ... --init project` or the Python API")
-    m, tok = gpconv.load_model(model, dtype=dtype)
-    report = gpconv.shrink(m, cfg, model_name=model)
-    gpconv.save_pretrained(m, out, tok, overwrite=overwrite)
+    if cfg.init == "fit" and calibration_data is None:
+        raise GPConvError("--init fit needs --calibration-data (e.g. an instruction .json/.jsonl file)")
+    if calibration_data is not None:  # data-aware: the model is loaded
+        from gpconv.calibrate import calibration_from_source
+
+        m, tok = gpconv.load_model(model, dtype=dtype)
+        calib = calibration_from_source(calibration_data, tok, format=calibration_format,
+                                        block_size=calibration_block_size, num_blocks=calibration_blocks,
+                                        sequential=sequential)
+        report = gpconv.shrink(m, cfg, calibration=calib, model_name=model)
+        gpconv.save_pretrained(m, out, tok, overwrite=overwrite)
+        _finish(report, out, as_json)
+        return
+    from gpconv.stream import StreamUnsupported, stream_shrink
+
+    try:
+        # A local safetensors directory with a data-free init streams tensor by tensor (the
+        # model is never loaded; same checkpoint as below). Anything else: StreamUnsupported,
+        # raised before any work.
+        report = stream_shrink(model, out, cfg, dtype=dtype, overwrite=overwrite, model_name=model)
+    except StreamUnsupported:
+        m, tok = gpconv.load_model(model, dtype=dtype)
+        report = gpconv.shrink(m, cfg, model_name=model)
+        gpconv.save_pretrained(m, out, tok, overwrite=overwrite)
+    _finish(report, out, as_json)
+
+
+def _finish(report, out: Path, as_json: bool) -> None:
+    """The report beside the checkpoint (JSON + Markdown), and on the terminal."""
     (out / "gpconv_report.json").write_text(report.to_json() + "\n")
     (out / "gpconv_report.md").write_text(report.to_markdown())
     _emit(report, as_json, None)
@@ -95,6 +135,9 @@ def report(
     as_json: bool = typer.Option(False, "--json", help="JSON instead of tables."),
     markdown: Optional[Path] = typer.Option(None, "--markdown", help="Also write the report as Markdown to this file."),
     max_rows: int = typer.Option(60, "--max-rows", help="Module rows shown in the terminal table."),
+    target_params: Optional[str] = typer.Option(None, "--target-params", help="Plan for a non-embedding parameter target: a fraction (0.25) or a count (53M)."),
+    num_layers: Optional[int] = typer.Option(None, "--num-layers", help="Plan with depth truncation to this many decoder layers."),
+    keep_layers: Optional[str] = typer.Option(None, "--keep-layers", help="Plan with these decoder layers kept, e.g. 0,1."),
 ):
     """Parameter budget of a model (built on the meta device: no weights are read).
 
@@ -104,8 +147,10 @@ def report(
     from gpconv.surgery import describe
 
     m, _ = gpconv.load_model(model, meta=True)
-    if any(v is not None for v in (min_channels_per_group, targets, exclude, override, variant, rank)):
-        cfg = _config(targets, exclude, min_channels_per_group, override, variant, None, rank)
+    if any(v is not None for v in (min_channels_per_group, targets, exclude, override, variant, rank, target_params,
+                                   num_layers, keep_layers)):
+        cfg = _config(targets, exclude, min_channels_per_group, override, variant, None, rank,
+                      target_params=target_params, num_layers=num_layers, keep_layers=_layer_list(keep_layers))
         rep = gpconv.shrink(m, cfg, dry_run=True, model_name=model)
     else:
         rep = describe(m, model_name=model)

@@ -16,6 +16,9 @@ from .report import ParamCounts, ShrinkReport, count_parameters
 from .surgery import GPConvConfig, shrink
 from .io import densify, from_pretrained, load_into, save_pretrained
 from .models import load_model
+from .data import StreamingBlocks, TokenBlocks, build_datasets
+from .training import TrainConfig, TrainingDiverged, TrainResult, distill, train
+from .evaluation import compare, evaluate, generate
 
 __all__ = [
     "__version__",
@@ -36,4 +39,16 @@ __all__ = [
     "load_model",
     "save_pretrained",
     "shrink",
+    # recovery
+    "StreamingBlocks",
+    "TokenBlocks",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingDiverged",
+    "build_datasets",
+    "compare",
+    "distill",
+    "evaluate",
+    "generate",
+    "train",
 ]

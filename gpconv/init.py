@@ -20,17 +20,25 @@ import torch
 INITS = ("random", "project", "fit")
 
 
-def _solve_rows(target: torch.Tensor, cov: torch.Tensor | None, support: torch.Tensor, ridge: float) -> torch.Tensor:
-    """Least-squares rows on ``support``: ``argmin_B tr((T - B) C (T - B)^T)``, ``B`` zero off support.
+def ridge_lambda(cov: torch.Tensor, ridge: float) -> torch.Tensor:
+    """The ridge ``lambda = ridge * mean(diag C)``: one scale for every fit of a layer."""
+    return ridge * cov.diagonal().mean().clamp_min(1e-12)
 
-    ``target`` (rows, in); returns (rows, len(support)). With ``cov=None`` (C = I) this is a slice.
+
+def _solve_rows(target: torch.Tensor, cov: torch.Tensor | None, support: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Least-squares rows on ``support``: ``argmin_B tr((T - B)(C + lambda I)(T - B)^T)``, ``B``
+    zero off support. ``target`` (rows, in); returns (rows, len(support)).
+
+    The ``lambda I`` term is a prior toward the dense weights, not toward zero: in directions the
+    calibration data rarely excites, the block keeps what the dense layer did there, so inputs
+    that drift (because earlier layers are approximations too) are not amplified. ``lambda`` ->
+    infinity gives ``project``; ``cov=None`` (C = I) is ``project`` too: a slice of T.
     """
     if cov is None:
         return target[:, support]
-    css = cov[support][:, support]
-    lam = ridge * css.diagonal().mean().clamp_min(1e-12)
-    css = css + lam * torch.eye(len(support), dtype=cov.dtype, device=cov.device)
-    rhs = target @ cov[:, support]  # (rows, |S|)
+    lam = ridge_lambda(cov, ridge)
+    css = cov[support][:, support] + lam * torch.eye(len(support), dtype=cov.dtype, device=cov.device)
+    rhs = target @ cov[:, support] + lam * target[:, support]  # T (C + lambda I)[:, S], (rows, |S|)
     # B css = rhs  <=>  css B^T = rhs^T (css is symmetric)
     return torch.linalg.solve(css, rhs.t()).t()
 
@@ -128,8 +136,119 @@ def _fit_chained_(module, weight, cov, ridge):
     for j in range(g):
         mj = ph[j * oc:(j + 1) * oc]  # inputs of G2's group j, as maps of x: (oc, in)
         rj = resid[j * oc:(j + 1) * oc]
-        a = mj @ mj.t() if c64 is None else mj @ c64 @ mj.t()
-        rhs = rj @ mj.t() if c64 is None else rj @ c64 @ mj.t()
-        lam = ridge * a.diagonal().mean().clamp_min(1e-12)
-        g2[j] = torch.linalg.solve(a + lam * torch.eye(oc, dtype=a.dtype, device=a.device), rhs.t()).t()
+        m = torch.eye(w.shape[1], dtype=w.dtype, device=w.device) if c64 is None else (
+            c64 + ridge_lambda(c64, ridge) * torch.eye(w.shape[1], dtype=w.dtype, device=w.device))
+        a = mj @ m @ mj.t()  # the metric C + lambda I, as in every other fit
+        rhs = rj @ m @ mj.t()
+        a = a + 1e-9 * a.diagonal().mean().clamp_min(1e-12) * torch.eye(oc, dtype=a.dtype, device=a.device)
+        g2[j] = torch.linalg.solve(a, rhs.t()).t()
     module.g2.weight.copy_(g2.to(module.g2.weight.dtype))
+
+
+# --------------------------------------------------------------------------------------------
+# Errors, channel order, and fitting one layer
+# --------------------------------------------------------------------------------------------
+
+
+def relative_error(weight: torch.Tensor, approx: torch.Tensor, cov: torch.Tensor | None = None) -> float:
+    """``sqrt(E||(W - A) x||^2 / E||W x||^2)`` with ``E[x x^T] = cov`` (Frobenius when None)."""
+    w = weight.detach().to(torch.float64)
+    d = w - approx.detach().to(torch.float64)
+    if cov is None:
+        num, den = d.square().sum(), w.square().sum()
+    else:
+        c = cov.to(torch.float64)
+        num, den = ((d @ c) * d).sum(), ((w @ c) * w).sum()
+    return float((num / den.clamp_min(1e-30)).clamp_min(0).sqrt())
+
+
+def _balanced_assign(score: torch.Tensor, capacity: torch.Tensor) -> torch.Tensor:
+    """Greedy balanced assignment: item i -> bin b maximising score[b, i], bins of given capacity.
+
+    Pairs are taken best-first; an item goes to its best bin that still has room.
+    """
+    n_bins, n_items = score.shape
+    order = torch.argsort(score.flatten(), descending=True)
+    assign = torch.full((n_items,), -1, dtype=torch.long)
+    room = capacity.clone()
+    left = n_items
+    for flat in order.tolist():
+        b, i = divmod(flat, n_items)
+        if assign[i] < 0 and room[b] > 0:
+            assign[i] = b
+            room[b] -= 1
+            left -= 1
+            if left == 0:
+                break
+    return assign
+
+
+@torch.no_grad()
+def choose_permutation(weight: torch.Tensor, groups: int, cov: torch.Tensor | None = None) -> torch.Tensor:
+    """An input channel order for the io block that keeps the most weight energy in its support.
+
+    Output group ``j`` reads its own input group ``j`` (G1) and interleaved group ``j`` (G2).
+    Dropping ``W[o, i]`` costs about ``C[i, i] W[o, i]^2``, so with
+    ``E[j, i] = C[i, i] * sum_{o in group j} W[o, i]^2`` we (1) give every input group the
+    ``c`` channels with the most energy towards its output group, then (2) order each group's
+    channels so that the interleave sends each to the output group it matters most to next.
+    Returns ``perm`` with block input = ``x[..., perm]``.
+    """
+    w = weight.detach().to(torch.float64)
+    out_f, in_f = w.shape
+    g, c, oc = groups, in_f // groups, out_f // groups
+    diag = torch.ones(in_f, dtype=torch.float64) if cov is None else cov.diagonal().to(torch.float64).cpu()
+    energy = (w.cpu().square().view(g, oc, in_f).sum(1)) * diag  # (g, in)
+    # (1) G1 groups, c channels each
+    g1 = _balanced_assign(energy, torch.full((g,), c))
+    perm = torch.empty(in_f, dtype=torch.long)
+    for j in range(g):
+        members = torch.nonzero(g1 == j).flatten()  # channels of input group j
+        slots = torch.arange(j * c, (j + 1) * c)
+        residue = slots % g  # the interleaved group each slot feeds
+        # (2) slot order: score by the energy towards the slot's interleaved output group;
+        # a slot whose interleaved group is j itself adds nothing new
+        e = energy[:, members].clone()  # (g, c)
+        e[j] = -1.0
+        cap = torch.bincount(residue, minlength=g)
+        to_res = _balanced_assign(e, cap)  # member -> residue
+        for r in range(g):
+            perm[slots[residue == r]] = members[to_res == r]
+    return perm.to(weight.device)
+
+
+@torch.no_grad()
+def fit_layer(spec, weight: torch.Tensor, bias: torch.Tensor | None, init: str, stats=None,
+              ridge: float = 1e-2, permute: bool = False):
+    """Build the module ``spec`` describes, initialised from the dense ``weight`` (out, in).
+
+    ``stats`` (:class:`gpconv.calibrate.LayerStats`) makes ``fit`` possible and errors honest:
+    the error is measured on held-out tokens when there are some. With ``permute``, an io or
+    hybrid block also tries :func:`choose_permutation` and keeps it only if the error drops.
+    Returns ``(module, relative error or None)``.
+    """
+    from dataclasses import replace
+
+    cov_fit = None if stats is None else stats.fit
+    cov_eval = None if stats is None else (stats.held_out if stats.held_out is not None else stats.fit)
+    method = init
+    if init == "fit" and cov_fit is None:
+        raise ValueError("init='fit' needs calibration statistics")
+
+    def build(s):
+        m = s.build(device=weight.device, dtype=weight.dtype)
+        if s.permuted:
+            m.input_perm.copy_(choose_permutation(weight, s.groups, cov_fit))
+        init_block_(m, weight, bias, method, cov_fit, ridge)
+        err = None if method == "random" else relative_error(weight, m.to_dense(), cov_eval)
+        return m, err
+
+    candidates = [replace(spec, permuted=False)]
+    if permute and method != "random" and spec.variant in ("io", "hybrid"):
+        candidates.append(replace(spec, permuted=True))
+    best = None
+    for s in candidates:
+        m, err = build(s)
+        if best is None or (err is not None and best[1] is not None and err < best[1]):
+            best = (m, err)
+    return best

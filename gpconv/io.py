@@ -142,23 +142,31 @@ def save_pretrained(
     return Path(out_dir)
 
 
+def attach_plan(cfg, model: nn.Module, plan: dict, tmp: Path) -> None:
+    """Put ``plan`` on the HF config ``cfg`` (its ``gpconv`` section) and, when ``model``'s class
+    is exported by transformers, write the generated modeling file into ``tmp`` and point
+    ``auto_map`` at it. An empty plan removes both. Shared by :func:`save_pretrained` and the
+    streaming shrink (:mod:`gpconv.stream`), which passes a meta-device model."""
+    if plan["modules"]:
+        cfg.gpconv = plan
+        base = _exported_base(model)
+        if base is not None:
+            name = "GPConv" + base
+            (tmp / MODELING_FILE).write_text(_MODELING_TEMPLATE.format(version=__version__, base=base, name=name))
+            auto_map = dict(getattr(cfg, "auto_map", None) or {})
+            auto_map["AutoModelForCausalLM"] = f"{MODELING_FILE[:-3]}.{name}"
+            cfg.auto_map = auto_map
+    else:
+        for k in ("gpconv", "auto_map"):
+            if hasattr(cfg, k):
+                delattr(cfg, k)
+
+
 def _save_hf(model, tmp: Path, plan: dict, tokenizer, max_shard_size) -> None:
     cfg = model.config
     had = {k: getattr(cfg, k) for k in ("gpconv", "auto_map") if hasattr(cfg, k)}
     try:
-        if plan["modules"]:
-            cfg.gpconv = plan
-            base = _exported_base(model)
-            if base is not None:
-                name = "GPConv" + base
-                (tmp / MODELING_FILE).write_text(_MODELING_TEMPLATE.format(version=__version__, base=base, name=name))
-                auto_map = dict(getattr(cfg, "auto_map", None) or {})
-                auto_map["AutoModelForCausalLM"] = f"{MODELING_FILE[:-3]}.{name}"
-                cfg.auto_map = auto_map
-        else:
-            for k in ("gpconv", "auto_map"):
-                if hasattr(cfg, k):
-                    delattr(cfg, k)
+        attach_plan(cfg, model, plan, tmp)
         from .models import _quiet
 
         with _quiet():

@@ -17,6 +17,7 @@ All of them are linear maps, so each has an exact dense equivalent (:meth:`to_de
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -143,11 +144,10 @@ class GroupedLinear(nn.Module):
             _uniform_(self.bias, self.in_features // self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead, g = x.shape[:-1], self.groups
-        x = x.reshape(-1, g, self.in_features // g).transpose(0, 1)  # (N, in) -> (g, N, in/g)
-        y = torch.bmm(x, self.weight.transpose(1, 2))  # (g, N, in/g) @ (g, in/g, out/g) -> (g, N, out/g)
-        y = y.transpose(0, 1).reshape(*lead, self.out_features)  # (g, N, out/g) -> (..., out)
-        return y if self.bias is None else y + self.bias
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)  # (..., in) -> (N, in)
+        y = grouped_forward(x2, self.weight, self.bias, self.groups)  # (N, out)
+        return y.view(*lead, self.out_features)
 
     @torch.no_grad()
     def to_dense(self) -> torch.Tensor:
@@ -279,19 +279,18 @@ class GroupedPointwiseBlock(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (..., in) -> (N, in)
         if self.variant == "io":
-            g, c2 = self.groups, 2 * self.in_features // self.groups
-            idx = self.gather_index(x.device).view(-1)
-            z = x2.index_select(1, idx)  # (N, in) -> (N, g*2c): [group j | interleaved group j] per j
-            z = z.view(-1, g, c2).transpose(0, 1)  # (N, g, 2c) -> (g, N, 2c), a strided view
-            y = torch.bmm(z, self.weight.transpose(1, 2))  # (g, N, 2c) @ (g, 2c, out/g) -> (g, N, out/g)
-            y = y.transpose(0, 1).reshape(-1, self.out_features)  # (g, N, out/g) -> (N, out)
+            # the gather index is a cached Python-side tensor; the conv path and torch.compile
+            # do not need it (they read input_perm, a buffer, directly)
+            idx = None if _use_conv(x2) and not _use_grouped_mm(x2, self.weight) else self.gather_index(x2.device)
+            y = io_forward(x2, self.weight, self.bias, self.groups, idx, self.input_perm)
         else:
             h = self.g1(x2)
             y = h + self.g2(interleave(h, self.groups))
+            if self.bias is not None:
+                y = y + self.bias
         if self.rank:
-            y = y + (x2 @ self.lowrank_a.t()) @ self.lowrank_b.t()  # (N, in) -> (N, r) -> (N, out)
-        if self.bias is not None:
-            y = y + self.bias
+            # (N, in) -> (N, r) -> (N, out), accumulated onto y by one addmm
+            y = torch.addmm(y, x2 @ self.lowrank_a.t(), self.lowrank_b.t())
         return y.view(*lead, self.out_features)
 
     # -- dense equivalent --------------------------------------------------------------------
@@ -328,6 +327,195 @@ def io_dense(weight: torch.Tensor, gather_index: torch.Tensor, in_features: int)
     # scatter_add sums both contributions there.
     dense.scatter_add_(2, gather_index.to(weight.device)[:, None, :].expand_as(weight), weight)
     return dense.reshape(g * oc, in_features)
+
+
+# --------------------------------------------------------------------------------------------
+# The grouped matmul behind both layers
+# --------------------------------------------------------------------------------------------
+#
+# On a 2-D input x (N, in) with g groups of c = in/g channels and weight (g, oc, K):
+#
+#     y[:, group j] = x[:, group j] @ W[j, :, :c].T                      (K = c: GroupedLinear)
+#                   + interleave(x)[:, group j] @ W[j, :, c:].T          (K = 2c: the io block)
+#                   + bias
+#
+# Two CPU paths, chosen by the token count N (measurements in docs/speed.md):
+#
+# * N >= CONV_MIN_TOKENS: a grouped 1x1 convolution (oneDNN). x (N, in) row-major *is* a
+#   channels-last (1, in, N, 1) image, so the conv reads it with no copy and writes its output
+#   straight in the (N, out) layout - no output transpose - with the bias fused in. The whole
+#   grouped GEMM is ONE primitive: one parallel region instead of one per group, which is what
+#   keeps it fast when the machine's cores are shared (bmm into a strided output loops over the
+#   groups with a multithreaded GEMM each, and every step can wait for a descheduled thread:
+#   3-20x slower under load). The io block's interleaved operand costs one copy of x: the conv
+#   runs over [own | interleaved] per group (K = 2c, one primitive) when in <= out. When
+#   in > out (down_proj) batched GEMMs with a contiguous result measured faster (see _io_many).
+#   Backward is autograd's (oneDNN's conv backward, MKL's batched GEMMs).
+# * small N (decode): index_select through the cached gather index + one bmm + a transpose -
+#   three ops, the fewest fixed costs for a 1-token step.
+#
+# A hand-written autograd.Function (bmm writing through strided views: no output copy, an
+# index_add-free backward) matched the conv path single-threaded, within this shared machine's
+# noise, but collapsed under CPU contention for the reason above, so it was dropped: everything
+# here is plain differentiable ops (autograd and torch.compile see through all of it).
+
+CONV_MIN_TOKENS = 128
+"""CPU: from this many tokens on, the grouped convolution path; below it, gather + bmm."""
+
+
+def _as_image(x: torch.Tensor) -> torch.Tensor:
+    """(N, C) row-major -> the same memory as a channels-last (1, C, N, 1) image (no copy)."""
+    n, ch = x.shape
+    return x.view(1, n, 1, ch).permute(0, 3, 1, 2)  # (1, N, 1, C) -> (1, C, N, 1)
+
+
+def _from_image(y: torch.Tensor) -> torch.Tensor:
+    """Channels-last (1, C, N, 1) -> (N, C); free when the conv wrote channels-last."""
+    return y.permute(0, 2, 3, 1).reshape(y.shape[2], y.shape[1])  # (1, C, N, 1) -> (1, N, 1, C) -> (N, C)
+
+
+def _conv(x: torch.Tensor, weight: torch.Tensor, bias, groups: int) -> torch.Tensor:
+    """Grouped linear map of (N, in) by weight (g, oc, k) as a 1x1 grouped convolution -> (N, g*oc)."""
+    g, oc, k = weight.shape
+    w4 = weight.reshape(g * oc, k, 1, 1)  # (g, oc, k) -> (out, k, 1, 1): a view
+    return _from_image(torch.nn.functional.conv2d(_as_image(x), w4, bias, groups=groups))
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """A reused buffer for a temporary that nothing keeps (inference only).
+
+    A fresh multi-MB tensor on CPU is mmap-ed by the allocator and page-faulted on first write:
+    for Phi-3's down_proj at 1024 tokens the 32 MB interleaved copy cost ~25 ms that way against
+    ~9 ms written into memory already touched (docs/speed.md). One buffer per thread, device,
+    dtype and inference-mode flag, grown to the largest request; autograd never sees it.
+    """
+    key = (like.device, like.dtype, torch.is_inference_mode_enabled())
+    bufs = _SCRATCH.__dict__.setdefault("bufs", {})
+    numel = math.prod(shape)
+    buf = bufs.get(key)
+    if buf is None or buf.numel() < numel:
+        bufs[key] = buf = torch.empty(numel, device=like.device, dtype=like.dtype)
+    return buf[:numel].view(shape)
+
+
+def clear_scratch() -> None:
+    """Free this thread's reusable buffers (they otherwise live as long as the thread)."""
+    _SCRATCH.__dict__.pop("bufs", None)
+
+
+def _io_many(x: torch.Tensor, weight: torch.Tensor, bias, groups: int) -> torch.Tensor:
+    """io block for many tokens (see the notes above); ``x`` (N, in) already in the block's channel order."""
+    n, i = x.shape
+    g, oc, k = weight.shape
+    c = i // g
+    own = x.view(n, g, c)  # (N, in) -> (N, g, c), no copy
+    mixed = x.view(n, c, g).transpose(1, 2)  # (N, in) -> (N, c, g) -> (N, g, c): the interleaved groups, strided
+    # the copy below is only a conv input: when autograd will not keep it, write it into a reused buffer
+    reuse = x.device.type == "cpu" and not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
+    )
+    if i <= g * oc:
+        # one conv over [own | interleaved] per group: (N, g, c) + (N, g, c) -> (N, g, 2c)
+        if reuse:
+            z = _scratch((n, g, k), x)
+            z[:, :, :c].copy_(own)
+            z[:, :, c:].copy_(mixed)
+        else:
+            z = torch.cat([own, mixed], dim=2)
+        return _conv(z.view(n, g * k), weight, bias, groups)
+    # in > out (down_proj): MKL's batched GEMM beat oneDNN's grouped conv on these narrow groups
+    # (96 outputs each at Phi-3 shapes); the own half reads x in place, only the interleaved half
+    # is copied, and the (g, N, oc) result is contiguous - which keeps bmm on its one-call batched
+    # path - at the price of one transposing copy of the small (N, out) output.
+    xi = _scratch((n, g, c), x).copy_(mixed) if reuse else mixed.contiguous()
+    w_own = weight[:, :, :c].transpose(1, 2)  # (g, oc, c) -> (g, c, oc)
+    own_g = own.transpose(0, 1)  # (N, g, c) -> (g, N, c)
+    if bias is None:
+        y = torch.bmm(own_g, w_own)  # (g, N, c) @ (g, c, oc) -> (g, N, oc)
+    else:
+        y = torch.baddbmm(bias.view(g, 1, oc), own_g, w_own)  # bias broadcast over N
+    xi_g, w_mixed = xi.transpose(0, 1), weight[:, :, c:].transpose(1, 2)  # (g, N, c), (g, c, oc)
+    if torch.is_autocast_enabled(x.device.type):
+        y = torch.baddbmm(y, xi_g, w_mixed)  # in-place ops escape autocast's casts
+    else:
+        y = y.baddbmm_(xi_g, w_mixed)  # += (g, N, c) @ (g, c, oc), in place
+    return y.transpose(0, 1).reshape(n, g * oc)  # (g, N, oc) -> (N, g, oc) -> (N, out), one copy
+
+
+def _io_gather(x: torch.Tensor, weight: torch.Tensor, bias, gather_index: torch.Tensor) -> torch.Tensor:
+    """io block, small-N path: gather [own | interleaved] (input_perm included), one bmm."""
+    n = x.shape[0]
+    g, oc, k = weight.shape
+    z = x.index_select(1, gather_index.view(-1)).view(n, g, k).transpose(0, 1)  # (N, g*2c) -> (g, N, 2c)
+    y = torch.bmm(z, weight.transpose(1, 2))  # (g, N, 2c) @ (g, 2c, oc) -> (g, N, oc)
+    y = y.transpose(0, 1).reshape(n, g * oc)  # (g, N, oc) -> (N, out)
+    return y if bias is None else y + bias.to(y.dtype)  # under autocast y is already bf16/fp16
+
+
+def _use_conv(x: torch.Tensor) -> bool:
+    n = x.shape[0]
+    return x.device.type == "cpu" and n > 0 and (n >= CONV_MIN_TOKENS or torch.compiler.is_compiling())
+
+
+def io_forward(x, weight, bias, groups: int, gather_index=None, perm=None) -> torch.Tensor:
+    """``y`` (N, out) of an io block on ``x`` (N, in). ``perm``: the block reads ``x[:, perm]``;
+    ``gather_index`` (g, 2c) must then include it (it is only needed off the conv path)."""
+    if _use_grouped_mm(x, weight):
+        return _io_grouped_mm(x, weight, bias, gather_index)
+    if _use_conv(x) or gather_index is None:
+        if perm is not None:
+            x = x.index_select(1, perm)
+        return _io_many(x.contiguous(), weight, bias, groups)
+    return _io_gather(x, weight, bias, gather_index)
+
+
+def grouped_forward(x, weight, bias, groups: int) -> torch.Tensor:
+    """``y`` (N, out) of a block-diagonal map with weight (g, out/g, in/g) on ``x`` (N, in)."""
+    if _use_conv(x):
+        return _conv(x.contiguous(), weight, bias, groups)  # no copy at all: x is the image
+    n = x.shape[0]
+    g, oc, c = weight.shape
+    x3 = x.reshape(n, g, c).transpose(0, 1)  # (N, in) -> (g, N, c)
+    y = torch.bmm(x3, weight.transpose(1, 2))  # (g, N, c) @ (g, c, oc) -> (g, N, oc)
+    y = y.transpose(0, 1).reshape(n, g * oc)  # (g, N, oc) -> (N, out)
+    return y if bias is None else y + bias.to(y.dtype)  # under autocast y is already bf16/fp16
+
+
+# -- CUDA bf16: torch's grouped GEMM ---------------------------------------------------------
+
+CUDA_GROUPED_MM = True
+"""Use ``torch.nn.functional.grouped_mm`` for io blocks on CUDA in bfloat16 (SM >= 8.0). Set to
+False to use the bmm path there too. Not measured on a GPU yet (see docs/speed.md)."""
+
+_CAPABILITY: dict = {}
+
+
+def _use_grouped_mm(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    if not (CUDA_GROUPED_MM and x.is_cuda and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16):
+        return False
+    if torch.compiler.is_compiling() or not hasattr(torch.nn.functional, "grouped_mm"):
+        return False
+    g, oc, k = weight.shape
+    if k % 8 or oc % 8:  # the kernels want 16-byte aligned rows
+        return False
+    dev = x.device.index if x.device.index is not None else torch.cuda.current_device()
+    if dev not in _CAPABILITY:
+        _CAPABILITY[dev] = torch.cuda.get_device_capability(dev)
+    return _CAPABILITY[dev] >= (8, 0)
+
+
+def _io_grouped_mm(x, weight, bias, gather_index):
+    """io block through ``grouped_mm``: gather [own | interleaved] per group, one grouped GEMM."""
+    n = x.shape[0]
+    g, oc, k = weight.shape
+    z = x.index_select(1, gather_index.view(-1))  # (N, in) -> (N, g*2c)
+    z = z.view(n, g, k).transpose(0, 1).contiguous()  # (N, g, 2c) -> (g, N, 2c), row-major per group
+    y = torch.nn.functional.grouped_mm(z, weight.transpose(1, 2))  # (g, N, 2c) @ (g, 2c, oc) -> (g, N, oc)
+    y = y.transpose(0, 1).reshape(n, g * oc)  # (g, N, oc) -> (N, out)
+    return y if bias is None else y + bias.to(y.dtype)  # under autocast y is already bf16/fp16
 
 
 # --------------------------------------------------------------------------------------------

@@ -20,9 +20,10 @@ def _whitener(cov: torch.Tensor | None, n: int, ridge: float, device) -> tuple[t
     """``(L, L^-1)`` with ``C + lambda I = L L^T``, or None for ``C = I``."""
     if cov is None:
         return None
+    from .init import ridge_lambda
+
     c = cov.to(torch.float64)
-    lam = ridge * c.diagonal().mean().clamp_min(1e-12)
-    c = c + lam * torch.eye(n, dtype=c.dtype, device=c.device)
+    c = c + ridge_lambda(c, ridge) * torch.eye(n, dtype=c.dtype, device=c.device)
     chol = torch.linalg.cholesky(c)
     inv = torch.linalg.solve_triangular(chol, torch.eye(n, dtype=c.dtype, device=c.device), upper=False)
     return chol.to(device), inv.to(device)

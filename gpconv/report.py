@@ -151,7 +151,8 @@ class ModuleReport:
     dense_params: int
     kept_params: int
     reason: str = ""
-    error: float | None = None  # relative reconstruction error on calibration data, when measured
+    error: float | None = None  # relative reconstruction error (held-out calibration tokens when measured)
+    options: dict | None = None  # error of each alternative block at the same size, when measured
 
     @property
     def kept_fraction(self) -> float:
@@ -170,6 +171,7 @@ class ShrinkReport:
     unmatched_patterns: list[str] = field(default_factory=list)
     dry_run: bool = False
     target_non_embedding: int | None = None
+    layers_kept: list[int] | None = None
 
     # -- summaries ---------------------------------------------------------------------------
 
@@ -203,6 +205,7 @@ class ShrinkReport:
             "after": self.after.to_dict(),
             "kept_fraction_non_embedding": self.kept_fraction,
             "target_non_embedding": self.target_non_embedding,
+            "layers_kept": self.layers_kept,
             "totals_by_kind": self.totals_by_kind(),
             "unmatched_patterns": self.unmatched_patterns,
             "modules": [dict(asdict(m), kept_fraction=m.kept_fraction) for m in self.modules],
@@ -218,9 +221,18 @@ class ShrinkReport:
         head = ["module", "kind", "in->out", "block", "groups", "dense", "kept", "kept %"]
         if any(m.error is not None for m in self.modules):
             head.append("rel. err")
+        head += self._option_keys()
         if any(m.reason for m in self.modules):
             head.append("note")
         return head
+
+    def _option_keys(self) -> list[str]:
+        keys: list[str] = []
+        for m in self.modules:
+            for k in m.options or {}:
+                if k not in keys:
+                    keys.append(k)
+        return keys
 
     def _module_rows(self, max_rows: int | None):
         head = self._module_columns()
@@ -235,6 +247,9 @@ class ShrinkReport:
             ]
             if "rel. err" in head:
                 row.append("" if m.error is None else f"{m.error:.4f}")
+            for k in self._option_keys():
+                v = (m.options or {}).get(k)
+                row.append("" if v is None else f"{v:.4f}")
             if "note" in head:
                 row.append(m.reason)
             yield row
@@ -249,6 +264,8 @@ class ShrinkReport:
             ["linear FLOPs / token", f"{b.linear_flops_per_token:,}", f"{a.linear_flops_per_token:,}",
              _pct(a.linear_flops_per_token, b.linear_flops_per_token)],
         ]
+        if self.layers_kept is not None:
+            rows.append(["decoder layers kept", "", ", ".join(map(str, self.layers_kept)), ""])
         if self.target_non_embedding is not None:
             rows.append(["target non-embedding", "", f"{self.target_non_embedding:,}",
                          _pct(self.target_non_embedding, b.non_embedding)])
@@ -309,8 +326,8 @@ class ShrinkReport:
             elif h == "note":
                 m.add_column(h, overflow="fold", ratio=2)
             else:
-                m.add_column(h, justify="right" if h in ("groups", "dense", "kept", "kept %", "rel. err") else "left",
-                             no_wrap=True)
+                numeric = h in ("groups", "dense", "kept", "kept %", "rel. err") or h in self._option_keys()
+                m.add_column(h, justify="right" if numeric else "left", no_wrap=True)
         for r in self._module_rows(max_rows):
             m.add_row(*r)
         console.print(m)

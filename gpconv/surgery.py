@@ -17,7 +17,7 @@ from torch import nn
 
 from .errors import GPConvError
 from .grouping import group_count
-from .init import INITS, init_block_
+from .init import INITS
 from .layers import VARIANTS, BlockSpec, is_gpconv_module
 from .report import ModuleReport, ParamCounts, ShrinkReport, count_parameters, linear_shape, module_kind, output_embedding
 
@@ -56,6 +56,24 @@ class GPConvConfig:
     matches the io block's size at ``min_channels_per_group``."""
     ridge: float = 1e-2
     """Ridge of the least-squares fits, relative to the mean input energy."""
+    permute: bool = False
+    """io / hybrid: also try a channel order per layer that keeps correlated inputs in one group
+    (stored as an index, free at run time); kept only where it lowers the measured error."""
+    target_params: float | int | str | None = None
+    """Land at or just under this many non-embedding parameters: a fraction (0.25) or a count
+    ("53M"). The budget solver then picks each layer's block from its menu (see gpconv.budget),
+    ``min_channels_per_group`` acting as the smallest group size allowed."""
+    num_layers: int | None = None
+    """Depth truncation: keep this many decoder layers (the first ones, or the most important
+    ones with ``layer_selection="importance"``)."""
+    keep_layers: tuple[int, ...] | None = None
+    """Depth truncation: keep exactly these decoder layers (0-based)."""
+    layer_selection: str = "first"
+    """'first' (the paper's cut) or 'importance' (needs calibration: drop the layers that change
+    the hidden state least)."""
+    measure_options: bool = False
+    """Also report, per replaced layer, the held-out error of the other options at the same size
+    (io project / io fit / low-rank / hybrid). Costs a few extra fits per layer."""
 
     def __post_init__(self):
         if isinstance(self.target_modules, list):
@@ -71,8 +89,18 @@ class GPConvConfig:
             raise GPConvError(f"unknown variant {self.variant!r}; choose one of: {', '.join(VARIANTS)}")
         if self.init not in INITS:
             raise GPConvError(f"unknown init {self.init!r}; choose one of: {', '.join(INITS)}")
-        if self.variant == "hybrid" and self.rank is None:
-            raise GPConvError("variant 'hybrid' needs rank (an int, or a fraction of each layer's parameters)")
+        if self.keep_layers is not None:
+            object.__setattr__(self, "keep_layers", tuple(self.keep_layers))
+        if self.num_layers is not None and (not isinstance(self.num_layers, int) or self.num_layers < 1):
+            raise GPConvError(f"num_layers must be a positive integer, got {self.num_layers!r}")
+        if self.num_layers is not None and self.keep_layers is not None:
+            raise GPConvError("give num_layers or keep_layers, not both")
+        if self.layer_selection not in ("first", "importance"):
+            raise GPConvError(f"layer_selection must be 'first' or 'importance', got {self.layer_selection!r}")
+        if self.target_params is not None:
+            from .budget import parse_target
+
+            parse_target(self.target_params, 10**18)  # syntax check; the model is not known yet
         if self.rank is not None and not (
             (isinstance(self.rank, int) and self.rank > 0) or (isinstance(self.rank, float) and 0 < self.rank <= 1)
         ):
@@ -84,7 +112,7 @@ class GPConvConfig:
     def settings(self) -> dict:
         d = asdict(self)
         d["min_channels_per_group_overrides"] = dict(self.min_channels_per_group_overrides)
-        for k in ("target_modules", "exclude_modules"):
+        for k in ("target_modules", "exclude_modules", "keep_layers"):
             if isinstance(d[k], tuple):
                 d[k] = list(d[k])
         return d
@@ -149,6 +177,8 @@ class _Planned:
     spec: BlockSpec | None  # None: stays dense
     status: str
     reason: str = ""
+    error: float | None = None  # relative reconstruction error after init (held-out when measured)
+    options: dict | None = None  # measure_options: error of each alternative at the same size
 
 
 def _lowrank_rank(cfg: GPConvConfig, n_in: int, n_out: int, groups: int) -> int:
@@ -163,11 +193,7 @@ def _lowrank_rank(cfg: GPConvConfig, n_in: int, n_out: int, groups: int) -> int:
 
 def plan_module(cfg: GPConvConfig, name: str, n_in: int, n_out: int, bias: bool, source: str) -> tuple[BlockSpec | None, str]:
     """The block one layer becomes under ``cfg``, or ``(None, why it stays dense)``."""
-    mcpg = cfg.min_channels_per_group
-    for pat, v in cfg.min_channels_per_group_overrides.items():
-        if pattern_matches(pat, name, module_kind(name), False):
-            mcpg = v
-            break
+    mcpg = _mcpg(cfg, name)
     g = group_count(n_in, n_out, mcpg)
     dense = n_in * n_out
     if cfg.variant == "lowrank":
@@ -176,7 +202,13 @@ def plan_module(cfg: GPConvConfig, name: str, n_in: int, n_out: int, bias: bool,
     elif cfg.variant == "hybrid":
         if g <= 1:
             return None, f"no common divisor of {n_in} and {n_out} in 2..{n_in // mcpg} (in // min_channels_per_group)"
-        spec = BlockSpec(n_in, n_out, "hybrid", g, _lowrank_rank(cfg, n_in, n_out, g), bias, source)
+        if cfg.rank is None:
+            # the budget of the paper's io block; shrink() splits it between grouped and low-rank
+            if g <= 2:
+                return None, f"groups={g}: the io budget 2/{g} is no saving"
+            spec = BlockSpec(n_in, n_out, "io", g, 0, bias, source)
+        else:
+            spec = BlockSpec(n_in, n_out, "hybrid", g, _lowrank_rank(cfg, n_in, n_out, g), bias, source)
     else:
         if g <= 1:
             return None, f"no common divisor of {n_in} and {n_out} in 2..{n_in // mcpg} (in // min_channels_per_group)"
@@ -236,11 +268,12 @@ def _plan(model: nn.Module, cfg: GPConvConfig, filter_fn) -> tuple[list[_Planned
 def _module_report(p: _Planned) -> ModuleReport:
     dense = p.in_features * p.out_features
     if p.spec is None:
-        return ModuleReport(p.name, p.kind, p.in_features, p.out_features, p.status, "dense", 1, 0, dense, dense, p.reason)
+        return ModuleReport(p.name, p.kind, p.in_features, p.out_features, p.status, "dense", 1, 0, dense, dense,
+                            p.reason, p.error, p.options)
     bias = p.out_features if p.spec.bias else 0
     return ModuleReport(
         p.name, p.kind, p.in_features, p.out_features, p.status, p.spec.variant, p.spec.groups, p.spec.rank,
-        dense, p.spec.num_params - bias, p.reason,
+        dense, p.spec.num_params - bias, p.reason + (", permuted" if p.spec.permuted else ""), p.error, p.options,
     )
 
 
@@ -264,7 +297,7 @@ def shrink(
     config: GPConvConfig | None = None,
     filter_fn: Callable[[nn.Module, str], bool] | None = None,
     *,
-    calibration: Mapping[str, torch.Tensor] | None = None,
+    calibration=None,
     dry_run: bool = False,
     model_name: str | None = None,
 ) -> ShrinkReport:
@@ -275,53 +308,209 @@ def shrink(
         config: what to replace and how; ``GPConvConfig()`` replaces every linear layer but
             ``lm_head`` with the paper's io block at ``min_channels_per_group=256``.
         filter_fn: ``filter_fn(module, name) -> bool``, a further say on each matched layer.
-        calibration: for ``init="fit"``: input second moments ``E[x x^T]`` per module name, as
-            :func:`gpconv.calibrate.input_covariances` returns them.
+        calibration: a :class:`gpconv.calibrate.Calibration` (token batches; ``sequential=True``
+            fits layer by layer on the shrunk prefix). Needed by ``init="fit"`` and by
+            ``layer_selection="importance"``; makes budget choices and reported errors data-aware.
         dry_run: plan and report only; the model is not touched.
 
     Returns:
         a :class:`~gpconv.report.ShrinkReport` whose counts are recounted from the model.
     """
+    from .calibrate import Calibration
+
     cfg = config or GPConvConfig()
+    if calibration is not None and not isinstance(calibration, Calibration):
+        raise GPConvError("calibration must be a gpconv.calibrate.Calibration (token batches)")
+    if cfg.init == "fit" and calibration is None:
+        raise GPConvError("init='fit' needs calibration data (a gpconv.calibrate.Calibration of token batches)")
+    if cfg.layer_selection == "importance" and (cfg.num_layers or cfg.keep_layers) and calibration is None:
+        raise GPConvError("layer_selection='importance' needs calibration data")
+    name = model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    before = count_parameters(model)
+    meta = any(p.is_meta for p in model.parameters())
+
+    # 1. depth: truncation changes which layers exist, so it comes first
+    keep = _layers_to_keep(model, cfg, calibration)
+    if keep is not None:
+        from .depth import truncate
+
+        if dry_run:
+            model = _copy_for_dry_run(model)
+        truncate(model, keep)
+
+    # 2. plan: which layers match, what block each gets by the group rule
     planned, unmatched = _plan(model, cfg, filter_fn)
-    if not planned:
+    if not planned and keep is None:
         raise GPConvError(
             f"no module matched target_modules={_show(cfg.target_modules)}"
             + (f" (exclude_modules={_show(cfg.exclude_modules)})" if cfg.exclude_modules else "")
             + f"; linear layers here are named like: {_examples(model)}"
         )
-    todo = [p for p in planned if p.status == "replaced"]
-    if cfg.init == "fit" and todo:
-        missing = [p.name for p in todo if calibration is None or p.name not in calibration]
-        if missing:
-            raise GPConvError(
-                f"init='fit' needs calibration statistics; none for {len(missing)} layer(s), e.g. {missing[0]!r}"
-            )
-    before = count_parameters(model)
-    name = model_name or getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
-    modules = [_module_report(p) for p in planned]
-    if dry_run:
-        saved = sum(m.dense_params - m.kept_params for m in modules if m.status == "replaced")
-        flops = 2 * saved
-        after = ParamCounts(
-            before.total - saved, before.embedding, before.non_embedding - saved,
-            before.linear_flops_per_token - flops,
-        )
-        return ShrinkReport(name, cfg.settings(), before, after, modules, unmatched, dry_run=True)
+    fresh = [p for p in planned if p.status != "already"]
 
-    for p in todo:
-        old = p.module
-        w = old.weight
-        new = p.spec.build(device=w.device, dtype=w.dtype)
-        if w.device.type != "meta":
-            cov = calibration.get(p.name) if calibration is not None else None
-            init_block_(new, _dense_weight(old, p.source), getattr(old, "bias", None), cfg.init, cov, cfg.ridge)
-        new.train(old.training)
-        _set_submodule(model, p.name, new)
-        p.module = new
+    # 3. allocation: a parameter target, or the hybrid's grouped / low-rank split
+    stats = None
+    needs_alloc = cfg.target_params is not None or (cfg.variant == "hybrid" and cfg.rank is None)
+    if calibration is not None and not meta and fresh and (needs_alloc or not calibration.sequential):
+        from .calibrate import collect_stats
+
+        stats = collect_stats(model, calibration, [p.name for p in fresh])
+    target = None
+    if needs_alloc and fresh:
+        target = _allocate(model, cfg, fresh, planned, stats, before, meta)
+
+    todo = [p for p in planned if p.status == "replaced"]
+    if dry_run:
+        after = count_parameters(model) if keep is not None else before
+        saved = sum(p.in_features * p.out_features - _kept(p) for p in todo)
+        after = ParamCounts(after.total - saved, after.embedding, after.non_embedding - saved,
+                            after.linear_flops_per_token - 2 * saved)
+        return ShrinkReport(name, cfg.settings(), before, after, [_module_report(p) for p in planned], unmatched,
+                            dry_run=True, target_non_embedding=target, layers_kept=keep)
+
+    # 4. fit and swap, layer by layer (sequentially on the shrunk prefix if asked)
+    if not meta and todo:
+        if calibration is not None and calibration.sequential:
+            from .calibrate import run_sequential
+
+            by_name = {p.name: p for p in todo}
+            run_sequential(model, calibration, list(by_name),
+                           lambda st: [_fit_swap(model, by_name[n], cfg, st[n]) for n in st])
+        else:
+            for p in todo:
+                _fit_swap(model, p, cfg, stats.get(p.name) if stats else None)
+    elif todo:  # meta: shapes only
+        for p in todo:
+            _swap(model, p, p.spec.build(device="meta", dtype=p.module.weight.dtype))
     record_plan(model)
     after = count_parameters(model)
-    return ShrinkReport(name, cfg.settings(), before, after, modules, unmatched)
+    return ShrinkReport(name, cfg.settings(), before, after, [_module_report(p) for p in planned], unmatched,
+                        target_non_embedding=target, layers_kept=keep)
+
+
+def _kept(p: _Planned) -> int:
+    return p.spec.num_params - (p.out_features if p.spec.bias else 0)
+
+
+def _copy_for_dry_run(model):
+    import copy
+
+    return copy.deepcopy(model)
+
+
+def _layers_to_keep(model, cfg: GPConvConfig, calibration) -> list[int] | None:
+    from .depth import check_keep, most_important, num_layers
+
+    if cfg.keep_layers is not None:
+        return check_keep(model, cfg.keep_layers)
+    if cfg.num_layers is None:
+        return None
+    n = num_layers(model)
+    if cfg.num_layers > n:
+        raise GPConvError(f"num_layers={cfg.num_layers} but the model has only {n} decoder layers")
+    if cfg.layer_selection == "importance":
+        return most_important(model, cfg.num_layers, calibration)
+    return list(range(cfg.num_layers))
+
+
+def _swap(model, p: _Planned, new: nn.Module) -> None:
+    new.train(p.module.training)
+    _set_submodule(model, p.name, new)
+    p.module = new
+    p.spec = new.spec
+
+
+def _fit_swap(model, p: _Planned, cfg: GPConvConfig, stats) -> None:
+    from .init import fit_layer
+
+    old = p.module
+    weight = _dense_weight(old, p.source)
+    if stats is not None and stats.cross is not None and cfg.init != "random":
+        weight = stats.target(weight, cfg.ridge)  # sequential: match the dense model's output
+    new, err = fit_layer(p.spec, weight, getattr(old, "bias", None), cfg.init, stats, cfg.ridge, cfg.permute)
+    if cfg.measure_options and cfg.init != "random":
+        from .budget import option_errors
+
+        p.options = option_errors(new.spec, weight, stats, cfg.min_channels_per_group, cfg.ridge)
+    p.error = err
+    _swap(model, p, new)
+
+
+def _allocate(model, cfg: GPConvConfig, fresh: list[_Planned], planned, stats, before, meta) -> int | None:
+    """Pick each fresh layer's block from its menu (budget solver), updating ``p.spec`` in place.
+
+    Returns the non-embedding target, or None for the hybrid split (no global target).
+    """
+    from .budget import layer_options, parse_target, solve
+
+    family = cfg.variant
+    by_role = meta or cfg.init == "random"  # no per-layer signal: same choice for same-role layers
+    menus = {}
+    for p in fresh:
+        w = None if meta else _dense_weight(p.module, p.source)
+        cov = stats[p.name].fit if stats else None
+        bias = getattr(p.module, "bias", None) is not None
+        menus[p.name] = layer_options(family, p.in_features, p.out_features, bias, p.source, w, cov,
+                                      _mcpg(cfg, p.name), cfg.ridge)
+    if cfg.target_params is None:  # hybrid split: best option within the io block's budget
+        for p in fresh:
+            if p.spec is None:
+                continue
+            budget = _kept(p)
+            best = min((o for o in menus[p.name] if o.spec is not None and o.params <= budget),
+                       key=lambda o: (o.error, -o.params), default=None)
+            if best is not None:
+                p.spec = best.spec
+        return None
+    fixed = count_parameters(model).non_embedding - sum(p.in_features * p.out_features for p in fresh)
+    target = parse_target(cfg.target_params, before.non_embedding)
+    if by_role:
+        roles: dict[tuple, list[_Planned]] = {}
+        for p in fresh:
+            roles.setdefault((p.name.rsplit(".", 1)[-1], p.in_features, p.out_features), []).append(p)
+        merged = {}
+        for key, ps in roles.items():
+            merged[key] = _merge_menus([menus[p.name] for p in ps])
+        choice = solve(merged, target - fixed)
+        picks = {p.name: choice[key][i] for key, ps in roles.items() for i, p in enumerate(ps)}
+    else:
+        picks = solve(menus, target - fixed)
+    for p in fresh:
+        opt = picks[p.name]
+        p.spec = opt.spec
+        if opt.spec is None:
+            p.status, p.reason = "dense", "budget solver kept it dense"
+        else:
+            p.status, p.reason = "replaced", ""
+    return target
+
+
+def _merge_menus(menus):
+    """Menus of same-shaped layers as one menu of per-layer option lists (same choice for all)."""
+    first = menus[0]
+    merged = []
+    for i, o in enumerate(first):
+        opts = [m[i] for m in menus]
+        merged.append(_RoleOption(o.spec, sum(x.params for x in opts), sum(x.error for x in opts), opts))
+    return merged
+
+
+@dataclass
+class _RoleOption:
+    spec: object
+    params: int
+    error: float
+    members: list
+
+    def __getitem__(self, i):
+        return self.members[i]
+
+
+def _mcpg(cfg: GPConvConfig, name: str) -> int:
+    for pat, v in cfg.min_channels_per_group_overrides.items():
+        if pattern_matches(pat, name, module_kind(name), False):
+            return v
+    return cfg.min_channels_per_group
 
 
 def record_plan(model: nn.Module) -> dict:

@@ -1,0 +1,182 @@
+"""Speed of one io block against the dense nn.Linear it replaces, at Phi-3-mini's shapes.
+
+    python benchmarks/bench_block.py                      # table
+    python benchmarks/bench_block.py --json out.json      # table + JSON
+    python benchmarks/bench_block.py --legacy             # also time the previous gather+bmm code
+
+For each shape (groups from the paper's rule at --min-channels-per-group), token count, and pass
+(forward = inference under no_grad; forward+backward = training step of one layer), dense and
+grouped calls are interleaved (dense, grouped, dense, grouped, ...) in one process and the
+median of each is kept, so machine load hits both sides alike. The number to read is
+``time ratio / param ratio`` (medians): 1.0 means the block is exactly as much faster as it is
+smaller. The issue's target is <= 1.25 at 1024 tokens. ``(best-of)`` is the same ratio from the
+fastest sample of each side, a second opinion when other processes share the cores. Not a
+test: nothing here asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+from torch import nn
+
+from gpconv.grouping import group_count
+from gpconv.layers import GroupedPointwiseBlock
+
+PHI3_SHAPES = [("qkv_proj", 3072, 9216), ("o_proj", 3072, 3072), ("gate_up_proj", 3072, 16384), ("down_proj", 8192, 3072)]
+
+
+def legacy_forward(block: GroupedPointwiseBlock, x: torch.Tensor) -> torch.Tensor:
+    """The block's previous forward: gather [own | interleaved] through an index, one bmm over
+    groups, transpose the output back (autograd does the backward, index_add included)."""
+    g, c2 = block.groups, 2 * block.in_features // block.groups
+    idx = block.gather_index(x.device).view(-1)
+    z = x.index_select(1, idx).view(-1, g, c2).transpose(0, 1)  # (N, g*2c) -> (g, N, 2c)
+    y = torch.bmm(z, block.weight.transpose(1, 2))  # (g, N, 2c) @ (g, 2c, oc) -> (g, N, oc)
+    return y.transpose(0, 1).reshape(-1, block.out_features)  # (g, N, oc) -> (N, out)
+
+
+def _timed(fn, inner: int) -> float:
+    t0 = time.perf_counter()
+    for _ in range(inner):
+        fn()
+    return (time.perf_counter() - t0) / inner
+
+
+def _case_fns(module_fn, x, params, dy, backward: bool):
+    if not backward:
+        def run():
+            with torch.no_grad():
+                module_fn(x)
+        return run
+
+    def run():
+        for p in params:
+            p.grad = None
+        x.grad = None
+        module_fn(x).backward(dy)
+    return run
+
+
+def bench(shapes, tokens, reps: int, mcpg: int, legacy: bool, dtype=torch.float32) -> list[dict]:
+    rows = []
+    for name, n_in, n_out in shapes:
+        g = group_count(n_in, n_out, mcpg)
+        dense = nn.Linear(n_in, n_out, bias=False, dtype=dtype)
+        block = GroupedPointwiseBlock(n_in, n_out, g, dtype=dtype)
+        param_ratio = sum(p.numel() for p in block.parameters()) / sum(p.numel() for p in dense.parameters())
+        for n in tokens:
+            for backward in (False, True):
+                x = torch.randn(n, n_in, dtype=dtype, requires_grad=backward)
+                dy = torch.randn(n, n_out, dtype=dtype)
+                impls = {
+                    "dense": _case_fns(dense, x, list(dense.parameters()), dy, backward),
+                    "grouped": _case_fns(block, x, list(block.parameters()), dy, backward),
+                }
+                if legacy:
+                    impls["legacy"] = _case_fns(lambda t: legacy_forward(block, t), x, list(block.parameters()), dy, backward)
+                # calls per sample: enough that one sample is >= ~20 ms (1-token calls are short)
+                for fn in impls.values():
+                    fn()  # warm-up (allocations, MKL handles)
+                probe = _timed(impls["grouped"], 1)
+                inner = max(1, min(2000, int(0.02 / max(probe, 1e-7))))
+                samples = {k: [] for k in impls}
+                for _ in range(reps):
+                    for k, fn in impls.items():  # interleaved: load affects all sides alike
+                        samples[k].append(_timed(fn, inner))
+                med = {k: statistics.median(v) for k, v in samples.items()}
+                best = {k: min(v) for k, v in samples.items()}
+                row = dict(
+                    layer=name, in_features=n_in, out_features=n_out, groups=g, tokens=n,
+                    pass_="forward+backward" if backward else "forward",
+                    dense_ms=med["dense"] * 1e3, grouped_ms=med["grouped"] * 1e3,
+                    time_ratio=med["grouped"] / med["dense"], param_ratio=param_ratio,
+                )
+                row["time_over_param"] = row["time_ratio"] / param_ratio
+                # best-of-reps ratio: less sensitive to other processes on a shared machine
+                row["time_over_param_min"] = best["grouped"] / best["dense"] / param_ratio
+                row["samples_ms"] = {k: [t * 1e3 for t in v] for k, v in samples.items()}
+                if legacy:
+                    row["legacy_ms"] = med["legacy"] * 1e3
+                    row["legacy_time_over_param"] = med["legacy"] / med["dense"] / param_ratio
+                rows.append(row)
+                print(_fmt_row(row, legacy), flush=True)
+    return rows
+
+
+def _header(legacy: bool) -> str:
+    h = f"{'layer':<13} {'shape':>12} {'g':>3} {'tokens':>6} {'pass':<16} {'dense ms':>9} {'grouped ms':>10} " \
+        f"{'time ratio':>10} {'param ratio':>11} {'time/param':>10} {'(best-of)':>9}"
+    if legacy:
+        h += f" {'legacy ms':>9} {'legacy t/p':>10}"
+    return h
+
+
+def _fmt_row(r: dict, legacy: bool) -> str:
+    s = (f"{r['layer']:<13} {str(r['in_features']) + '->' + str(r['out_features']):>12} {r['groups']:>3} "
+         f"{r['tokens']:>6} {r['pass_']:<16} {r['dense_ms']:>9.3f} {r['grouped_ms']:>10.3f} "
+         f"{r['time_ratio']:>10.3f} {r['param_ratio']:>11.3f} {r['time_over_param']:>10.2f} {r['time_over_param_min']:>9.2f}")
+    if legacy:
+        s += f" {r['legacy_ms']:>9.3f} {r['legacy_time_over_param']:>10.2f}"
+    return s
+
+
+def machine() -> dict:
+    info = dict(
+        python=platform.python_version(), torch=torch.__version__, platform=platform.platform(),
+        threads=torch.get_num_threads(), cpus=os.cpu_count(),
+    )
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return info
+
+
+def loadavg() -> str:
+    try:
+        return open("/proc/loadavg").read().strip()
+    except OSError:
+        return "n/a"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 1024])
+    ap.add_argument("--reps", type=int, default=7, help="interleaved samples per side (median kept)")
+    ap.add_argument("--min-channels-per-group", type=int, default=256)
+    ap.add_argument("--layers", nargs="+", default=None, help="subset of: " + " ".join(n for n, _, _ in PHI3_SHAPES))
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    ap.add_argument("--legacy", action="store_true", help="also time the previous code (gather + bmm + transpose; today's small-N path)")
+    ap.add_argument("--json", default=None, help="write rows + machine info to this file")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    shapes = [s for s in PHI3_SHAPES if args.layers is None or s[0] in args.layers]
+    torch.manual_seed(0)
+    info = machine()
+    load_before = loadavg()
+    print(f"# {info.get('cpu', '?')}, torch {info['torch']}, threads {info['threads']}, loadavg {load_before}")
+    print(_header(args.legacy))
+    rows = bench(shapes, args.tokens, args.reps, args.min_channels_per_group, args.legacy)
+    load_after = loadavg()
+    print(f"# loadavg after: {load_after}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(machine=info, loadavg_before=load_before, loadavg_after=load_after,
+                           command=" ".join([os.path.basename(sys.executable)] + sys.argv), rows=rows), f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

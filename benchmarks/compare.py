@@ -1,0 +1,224 @@
+"""Quality per parameter on a real pretrained model: gpconv against low-rank, depth pruning and
+training from scratch, at the same size, the same recovery budget, the same teacher and data.
+
+    python benchmarks/compare.py --fractions 0.5 0.25 --steps 120 --out docs/results
+
+For every target fraction of the non-embedding parameters and every method it builds a student
+from the teacher (SmolLM2-135M-Instruct from the offline GGUF by default), measures held-out
+perplexity right after surgery, distils it for ``--steps`` steps (KL to the teacher; the new
+blocks train, or every weight for methods that add none), measuring perplexity every
+``--eval-every`` steps, and writes ``results.json``, ``results.md`` and one PNG per fraction.
+
+Methods (``--methods``):
+  random   gpconv io block, uniform groups (g = 2 / fraction), the paper's random init
+  project  the same block, closest to the dense weights (Frobenius)
+  fit      the same block, fitted on calibration data, layer by layer on the shrunk prefix,
+           matching the dense model's outputs (sequential, corrected)
+  hybrid   gpconv's budget solver over io / low-rank / grouped+low-rank per layer, fitted as `fit`
+  svd      activation-aware (whitened) truncated SVD, uniform rank fraction, fitted as `fit`
+  svd-budget  the same SVD, ranks chosen per layer by the same budget solver as `hybrid` (this
+           separates what the solver's allocation buys from what grouped blocks buy)
+  depth    depth pruning: keep the decoder layers that change the hidden state most (all weights train)
+  scratch  the io student's shape with every weight random (all weights train)
+
+Data (``../shared/data``, read by the script, not by the tests): Alpaca rows 0-999 calibrate,
+rows 1000-4499 train, rows 4500-4999 evaluate (chat template); WikiText-2 validation text is a
+second held-out set (raw text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import gpconv
+from gpconv import GPConvConfig, count_parameters, shrink
+from gpconv.calibrate import Calibration
+from gpconv.data import Rows, build_datasets, load_rows
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+METHODS = ("random", "project", "fit", "hybrid", "svd", "svd-budget", "depth", "scratch")
+
+
+def io_uniform(fraction: float, hidden: int, intermediate: int, **kw) -> GPConvConfig:
+    """io blocks with the same group count g = 2 / fraction in every layer."""
+    g = round(2 / fraction)
+    return GPConvConfig(min_channels_per_group=hidden // g,
+                        min_channels_per_group_overrides={"down_proj": intermediate // g}, **kw)
+
+
+def build_student(method, teacher, fraction, calib_batches, ridge):
+    """The student of ``method`` at ``fraction`` of the teacher's non-embedding parameters."""
+    cfg = teacher.config
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    student = copy.deepcopy(teacher)
+    seq = Calibration(calib_batches, sequential=True)
+    if method == "random":
+        return student, shrink(student, io_uniform(fraction, h, i, init="random")), "grouped"
+    if method == "project":
+        return student, shrink(student, io_uniform(fraction, h, i, init="project")), "grouped"
+    if method == "fit":
+        return student, shrink(student, io_uniform(fraction, h, i, init="fit", ridge=ridge), calibration=seq), "grouped"
+    if method == "hybrid":
+        rep = shrink(student, GPConvConfig(variant="hybrid", init="fit", target_params=fraction,
+                                           min_channels_per_group=16, ridge=ridge), calibration=seq)
+        return student, rep, "grouped"
+    if method == "svd":
+        rep = shrink(student, GPConvConfig(variant="lowrank", rank=fraction, init="fit", ridge=ridge), calibration=seq)
+        return student, rep, "grouped"
+    if method == "svd-budget":
+        rep = shrink(student, GPConvConfig(variant="lowrank", init="fit", target_params=fraction,
+                                           min_channels_per_group=16, ridge=ridge), calibration=seq)
+        return student, rep, "grouped"
+    if method == "depth":
+        n = max(1, round(fraction * cfg.num_hidden_layers))
+        rep = shrink(student, GPConvConfig(num_layers=n, layer_selection="importance", target_modules=["none"]),
+                     calibration=Calibration(calib_batches))
+        return student, rep, "all"
+    if method == "scratch":
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(0)
+        fresh = AutoModelForCausalLM.from_config(copy.deepcopy(cfg), dtype=torch.float32)
+        return fresh, shrink(fresh, io_uniform(fraction, h, i, init="random")), "all"
+    raise SystemExit(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+
+
+def perplexities(model, sets: dict) -> dict:
+    return {name: gpconv.evaluate(model, blocks, batch_size=4)["perplexity"] for name, blocks in sets.items()}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--alpaca", default=str(SHARED / "alpaca_5000_subset.json"))
+    ap.add_argument("--wikitext", default=str(SHARED / "wikitext2_valid_pytorch_examples.txt"))
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.25])
+    ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--steps", type=int, default=120)
+    ap.add_argument("--batch-size", type=int, default=4)
+    ap.add_argument("--block-size", type=int, default=256)
+    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--eval-every", type=int, default=30)
+    ap.add_argument("--eval-blocks", type=int, default=16)
+    ap.add_argument("--calib-blocks", type=int, default=32)
+    ap.add_argument("--ridge", type=float, default=1.0)
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--out", default="docs/results")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    result_file = out / "results.json"
+    results = json.loads(result_file.read_text()) if result_file.is_file() else {}
+
+    teacher, tok = gpconv.load_model(args.model)
+    teacher.requires_grad_(False)
+    alpaca = load_rows(args.alpaca)
+    part = lambda a, b: Rows(alpaca.rows[a:b], alpaca.schema, alpaca.name)  # noqa: E731
+    kw = dict(format="chat-template", block_size=args.block_size, val_size=0)
+    calib, _ = build_datasets(part(0, 1000), tok, **kw)
+    train, _ = build_datasets(part(1000, 4500), tok, **kw)
+    held, _ = build_datasets(part(4500, 5000), tok, **kw)
+    wiki, _ = build_datasets(args.wikitext, tok, format="plain", block_size=args.block_size, val_size=0)
+    n = args.eval_blocks
+    sets = {"alpaca": gpconv.TokenBlocks(held.input_ids[:n], held.labels[:n]),
+            "wikitext": gpconv.TokenBlocks(wiki.input_ids[:n], wiki.labels[:n])}
+    cb = calib.input_ids[: args.calib_blocks]
+    calib_batches = [cb[i:i + 4] for i in range(0, len(cb), 4)]
+    teacher_ppl = perplexities(teacher, sets)
+    base = count_parameters(teacher)
+    print(f"teacher: {base.non_embedding:,} non-embedding params, ppl {teacher_ppl}", flush=True)
+    results["_meta"] = {
+        "model": args.model, "teacher_perplexity": teacher_ppl, "teacher_non_embedding": base.non_embedding,
+        "command": "python " + " ".join(sys.argv), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "train_blocks": len(train), "tokens_per_step": args.batch_size * args.block_size,
+    }
+
+    for fraction in args.fractions:
+        for method in args.methods:
+            key = f"{method}@{fraction}"
+            t0 = time.time()
+            student, report, mode = build_student(method, teacher, fraction, calib_batches, args.ridge)
+            surgery_s = time.time() - t0
+            after = perplexities(student, sets)
+            curve = [{"step": 0, "tokens": 0, **after}]
+            print(f"{key}: kept {report.kept_fraction:.3f}, after surgery {after} ({surgery_s:.0f}s)", flush=True)
+
+            def every(step, row, student=student, curve=curve):
+                if step % args.eval_every == 0 or step == args.steps:
+                    curve.append({"step": step, "tokens": step * args.batch_size * args.block_size,
+                                  **perplexities(student, sets)})
+                    print(f"  {key} step {step}: {curve[-1]}", flush=True)
+
+            cfg = gpconv.TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, train=mode,
+                                     warmup_ratio=0.05, save_every=0, progress=False, seed=0)
+            t1 = time.time()
+            gpconv.distill(student, teacher, train, cfg, callbacks=[every])
+            results[key] = {
+                "method": method, "fraction": fraction, "non_embedding": report.after.non_embedding,
+                "kept_fraction": report.kept_fraction, "trained": mode, "surgery_s": surgery_s,
+                "recovery_s": time.time() - t1, "after_surgery": after, "after_recovery": curve[-1], "curve": curve,
+            }
+            result_file.write_text(json.dumps(results, indent=1))
+            del student
+    write_outputs(results, out)
+
+
+def write_outputs(results: dict, out: Path) -> None:
+    """results.md (table) and one PNG of perplexity against recovery tokens per fraction."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    meta = results["_meta"]
+    rows = [r for k, r in results.items() if not k.startswith("_")]
+    lines = [
+        f"Teacher {meta['model']}: {meta['teacher_non_embedding']:,} non-embedding parameters, perplexity "
+        f"alpaca {meta['teacher_perplexity']['alpaca']:.2f} / wikitext {meta['teacher_perplexity']['wikitext']:.2f}.",
+        "",
+        "| fraction | method | non-emb params | kept | trained | ppl after surgery (alpaca / wikitext) | "
+        "ppl after recovery (alpaca / wikitext) | recovery tokens |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (-r["fraction"], METHODS.index(r["method"]))):
+        a, b = r["after_surgery"], r["after_recovery"]
+        lines.append(
+            f"| {r['fraction']} | {r['method']} | {r['non_embedding']:,} | {100 * r['kept_fraction']:.1f}% | "
+            f"{r['trained']} | {_fmt(a['alpaca'])} / {_fmt(a['wikitext'])} | {_fmt(b['alpaca'])} / "
+            f"{_fmt(b['wikitext'])} | {b['tokens']:,} |"
+        )
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+    for fraction in sorted({r["fraction"] for r in rows}, reverse=True):
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, name in zip(axes, ("alpaca", "wikitext")):
+            for r in sorted((r for r in rows if r["fraction"] == fraction), key=lambda r: METHODS.index(r["method"])):
+                xs = [c["tokens"] for c in r["curve"]]
+                ax.plot(xs, [c[name] for c in r["curve"]], marker="o", ms=3, label=r["method"])
+            ax.axhline(meta["teacher_perplexity"][name], color="k", ls="--", lw=1, label="teacher")
+            ax.set_yscale("log")
+            ax.set_xlabel("recovery tokens")
+            ax.set_ylabel(f"{name} perplexity")
+            ax.set_title(f"{int(round(100 * fraction))}% of non-embedding params")
+        axes[0].legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / f"compare_{int(round(100 * fraction))}.png", dpi=110)
+        plt.close(fig)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.2f}"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,252 @@
+"""The budget solver: which block each layer gets so the model lands at a parameter target.
+
+Every replaceable layer has a menu of options (its dense self, io blocks at several group
+counts, low-rank factors at several ranks, hybrids of both), each with an exact parameter count
+and an estimated error. Choosing one option per layer to minimise the summed error under a
+parameter budget is a multiple-choice knapsack; we solve its Lagrangian relaxation greedily:
+every layer starts at its largest option and we repeatedly take the step down (along the lower
+convex hull of that layer's options) that saves parameters at the least error per parameter,
+until the model fits. This lands at or just under the target.
+
+Errors are relative squared reconstruction errors of the fitted option on the layer's inputs
+(``tr(D C D^T) / tr(W C W^T)``, ``C = E[x x^T]`` from calibration, or ``C = I`` without data).
+Low-rank errors for every rank come from one (whitened) SVD; hybrid errors are estimated by
+fitting the grouped part first and reading the residual's singular values, and only the chosen
+hybrid is then fitted properly (alternating, see :mod:`gpconv.lowrank`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .errors import GPConvError
+from .grouping import divisors
+from .layers import BlockSpec
+
+# Per-layer budget levels (fractions of the dense parameters) offered to low-rank and hybrid.
+LEVELS = (0.5, 0.375, 0.25, 0.1875, 0.125, 0.09375, 0.0625, 0.03125)
+# Group counts tried for grouped options: a geometric ladder keeps the menu short.
+GROUP_LADDER = (4, 8, 16, 32, 64)
+
+
+def parse_target(value, non_embedding: int) -> int:
+    """``0.23`` (fraction of non-embedding params), ``"53M"``, ``"1.2B"``, ``"35011584"`` -> count."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        v = float(value)
+    else:
+        s = str(value).strip().replace(",", "").replace("_", "")
+        m = re.fullmatch(r"([0-9]*\.?[0-9]+)\s*([kKmMbBgG]?)", s)
+        if not m:
+            raise GPConvError(f"--target-params takes a fraction (0.25) or a count (53M, 1.2B), got {value!r}")
+        v = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "g": 1e9}[m.group(2).lower()]
+    if v <= 0:
+        raise GPConvError(f"--target-params must be positive, got {value!r}")
+    if v <= 1:
+        return int(v * non_embedding)
+    if v > non_embedding:
+        raise GPConvError(f"target {int(v):,} is above the model's {non_embedding:,} non-embedding parameters")
+    return int(v)
+
+
+@dataclass
+class Option:
+    spec: BlockSpec | None  # None: keep the dense layer
+    params: int  # weight parameters (bias excluded: it is the same for every option)
+    error: float  # relative squared reconstruction error
+
+
+def _group_choices(n_in: int, n_out: int, min_channels_per_group: int) -> list[int]:
+    import math
+
+    ok = [d for d in divisors(math.gcd(n_in, n_out)) if 3 <= d <= n_in // min_channels_per_group]
+    if not ok:
+        return []
+    picked = []
+    for target in GROUP_LADDER:  # the allowed count nearest each rung
+        best = min(ok, key=lambda d: (abs(d - target), d))
+        if best not in picked:
+            picked.append(best)
+    return sorted(picked)
+
+
+@torch.no_grad()
+def layer_options(family: str, n_in: int, n_out: int, bias: bool, source: str, weight: torch.Tensor,
+                  cov: torch.Tensor | None, min_channels_per_group: int, ridge: float = 1e-2) -> list[Option]:
+    """The menu of one layer for ``family`` in {'io', 'chained', 'lowrank', 'hybrid'}."""
+    from .init import fit_grouped_weight, fit_io_weight
+    from .layers import GroupedPointwiseBlock, io_dense
+    from .lowrank import _whitener
+
+    dense = n_in * n_out
+    if weight is None:  # meta device: no weights to measure; a size-only proxy keeps choices even
+        return _size_only_options(family, n_in, n_out, bias, source, min_channels_per_group)
+    w = weight.detach().to(torch.float64)
+    c = None if cov is None else cov.to(torch.float64)
+    wh = _whitener(c, n_in, ridge, w.device)
+    total = float(w.square().sum()) if c is None else float(((w @ c) * w).sum())
+    total = max(total, 1e-30)
+    opts = [Option(None, dense, 0.0)]
+
+    def tail_errors(m: torch.Tensor) -> torch.Tensor:
+        """err(r) for r = 0..k: energy of m outside its best rank-r part, whitened."""
+        mw = m if wh is None else m @ wh[0]
+        s2 = torch.linalg.svdvals(mw).square()
+        tails = torch.cat([s2.flip(0).cumsum(0).flip(0), s2.new_zeros(1)])  # tails[r] = sum_{i>=r} s_i^2
+        return tails / total
+
+    def err_of(d: torch.Tensor) -> float:
+        return float(d.square().sum() / total) if c is None else float(((d @ c) * d).sum() / total)
+
+    groups = _group_choices(n_in, n_out, min_channels_per_group)
+    svd = None
+    if family in ("lowrank", "hybrid"):
+        tails = tail_errors(w)
+        for f in LEVELS:
+            r = int(f * dense // (n_in + n_out))
+            if r >= 1:
+                opts.append(Option(BlockSpec(n_in, n_out, "lowrank", 1, r, bias, source), r * (n_in + n_out),
+                                   float(tails[min(r, len(tails) - 1)])))
+        svd = _whitened_factors(w, wh)
+    for g in groups:
+        if family in ("io", "hybrid"):
+            probe = GroupedPointwiseBlock(n_in, n_out, g, device="meta")
+            idx = probe.gather_index(w.device)
+            gw = fit_io_weight(w, g, idx, c, ridge)
+            p_io = 2 * dense // g
+            opts.append(Option(BlockSpec(n_in, n_out, "io", g, 0, bias, source), p_io, err_of(w - io_dense(gw, idx, n_in))))
+            if family == "hybrid":
+                # low-rank first (it takes the head of the spectrum), grouped fitted on what is left
+                for f in LEVELS:
+                    r = int((f * dense - p_io) // (n_in + n_out))
+                    if r >= 1:
+                        resid = w - svd(r)
+                        gr = fit_io_weight(resid, g, idx, c, ridge)
+                        opts.append(Option(BlockSpec(n_in, n_out, "hybrid", g, r, bias, source),
+                                           p_io + r * (n_in + n_out), err_of(resid - io_dense(gr, idx, n_in))))
+        elif family == "chained":
+            spec = BlockSpec(n_in, n_out, "chained", g, 0, bias, source)
+            p = spec.num_params - (n_out if bias else 0)
+            if p < dense:
+                g1 = torch.block_diag(*fit_grouped_weight(w, g, c, ridge).unbind(0))
+                opts.append(Option(spec, p, err_of(w - g1)))  # a pessimistic proxy: G1 alone
+    return opts
+
+
+def _whitened_factors(w: torch.Tensor, wh):
+    """``rank -> best rank-r approximation of w`` under the whitening ``wh`` (one SVD for all r)."""
+    m = w if wh is None else w @ wh[0]
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+
+    def approx(r: int) -> torch.Tensor:
+        a = (u[:, :r] * s[:r]) @ vh[:r]
+        return a if wh is None else a @ wh[1]
+
+    return approx
+
+
+def _size_only_options(family, n_in, n_out, bias, source, min_channels_per_group) -> list[Option]:
+    dense = n_in * n_out
+    specs = []
+    if family in ("lowrank", "hybrid"):
+        specs += [BlockSpec(n_in, n_out, "lowrank", 1, int(f * dense // (n_in + n_out)), bias, source)
+                  for f in LEVELS if int(f * dense // (n_in + n_out)) >= 1]
+    for g in _group_choices(n_in, n_out, min_channels_per_group):
+        if family in ("io", "hybrid", "chained"):
+            specs.append(BlockSpec(n_in, n_out, "chained" if family == "chained" else "io", g, 0, bias, source))
+    opts = [Option(None, dense, 0.0)]
+    for sp in specs:
+        p = sp.num_params - (n_out if bias else 0)
+        if p < dense:
+            opts.append(Option(sp, p, (1 - p / dense) ** 2))
+    return opts
+
+
+@torch.no_grad()
+def option_errors(spec: BlockSpec, weight: torch.Tensor, stats, min_channels_per_group: int, ridge: float = 1e-2) -> dict:
+    """Held-out relative error of each kind of block at (up to) ``spec``'s size, for the report:
+    io with the same groups (project and fit), low-rank with the same parameters, best hybrid."""
+    from .init import fit_layer
+
+    n_in, n_out = spec.in_features, spec.out_features
+    size = spec.num_params - (n_out if spec.bias else 0)
+    out = {}
+    g = spec.groups if spec.variant != "lowrank" else None
+    if g is None:  # the io block closest to this size from below
+        gs = [d for d in _group_choices(n_in, n_out, 1) if 2 * n_in * n_out // d <= size]
+        g = gs[0] if gs else None
+    if g is not None:
+        io = BlockSpec(n_in, n_out, "io", g, 0, False, spec.source)
+        out["io-project"] = fit_layer(io, weight, None, "project", stats, ridge)[1]
+        if stats is not None:
+            out["io-fit"] = fit_layer(io, weight, None, "fit", stats, ridge)[1]
+    init = "fit" if stats is not None else "project"
+    r = size // (n_in + n_out)
+    if r >= 1:
+        out["lowrank"] = fit_layer(BlockSpec(n_in, n_out, "lowrank", 1, r, False, spec.source), weight, None, init,
+                                   stats, ridge)[1]
+    menu = layer_options("hybrid", n_in, n_out, False, spec.source, weight, None if stats is None else stats.fit,
+                         min_channels_per_group, ridge)
+    best = min((o for o in menu if o.spec is not None and o.spec.variant == "hybrid" and o.params <= size),
+               key=lambda o: o.error, default=None)
+    if best is not None:
+        out["hybrid"] = fit_layer(best.spec, weight, None, init, stats, ridge)[1]
+    return out
+
+
+def _hull(opts: list[Option]) -> list[Option]:
+    """Options on the lower convex hull of (params, error), largest params first.
+
+    Along the hull each step down in parameters costs more error per parameter saved than the
+    step before, which is what makes the greedy in :func:`solve` optimal for the relaxation.
+    """
+    pts = sorted(opts, key=lambda o: (-o.params, o.error))
+    hull: list[Option] = []
+    for o in pts:
+        if hull and o.params == hull[-1].params:
+            continue  # same size, no better (sorted by error within a size)
+        while hull and hull[-1].error >= o.error:
+            hull.pop()  # o is smaller and no worse: it dominates
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            # slope a->b must not exceed slope b->o (error per parameter saved)
+            if (b.error - a.error) * (b.params - o.params) >= (o.error - b.error) * (a.params - b.params):
+                hull.pop()
+            else:
+                break
+        hull.append(o)
+    return hull
+
+
+def solve(menus: dict[str, list[Option]], budget: int) -> dict[str, Option]:
+    """One option per key, total params <= ``budget`` if possible, least summed error (greedy).
+
+    Raises GPConvError when even the smallest options do not fit.
+    """
+    hulls = {k: _hull(v) for k, v in menus.items()}
+    pos = {k: 0 for k in hulls}
+    total = sum(h[0].params for h in hulls.values())
+    smallest = sum(min(o.params for o in v) for v in menus.values())
+    if smallest > budget:
+        raise GPConvError(
+            f"the target is out of reach: even the smallest blocks keep {smallest:,} parameters in the "
+            f"replaced layers, {smallest - budget:,} over the budget left for them; lower "
+            f"--min-channels-per-group, target more layers, or truncate depth"
+        )
+    while total > budget:
+        best_key, best_rate = None, None
+        for k, h in hulls.items():
+            i = pos[k]
+            if i + 1 < len(h):
+                saved = h[i].params - h[i + 1].params
+                rate = (h[i + 1].error - h[i].error) / saved
+                if best_rate is None or rate < best_rate:
+                    best_key, best_rate = k, rate
+        if best_key is None:
+            break
+        h = hulls[best_key]
+        total -= h[pos[best_key]].params - h[pos[best_key] + 1].params
+        pos[best_key] += 1
+    return {k: hulls[k][pos[k]] for k in hulls}

@@ -1,0 +1,88 @@
+"""gpconv bench: runs end to end on tiny models and reports ratios; user errors are one line."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import gpconv
+from gpconv import GPConvConfig
+from gpconv.bench import run_once
+from gpconv_cli.main import app
+from tiny_models import FAMILIES, MCPG
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench")
+    dense = FAMILIES["llama"][0]()
+    dense.save_pretrained(root / "dense")
+    gpconv.shrink(dense, GPConvConfig(min_channels_per_group=MCPG, init="project"))
+    gpconv.save_pretrained(dense, root / "shrunk")
+    return root
+
+
+def _bench(*args):
+    return runner.invoke(app, ["bench", *map(str, args)])
+
+
+def test_bench_json_against_own_dense_equivalent(dirs):
+    r = _bench(dirs / "shrunk", "--prompt-len", 16, "--new-tokens", 4, "--repeats", 2, "--no-memory", "--json")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["dense"]["name"].startswith("densify(")
+    assert 0 < d["ratios"]["params"] < 1 and d["ratios"]["params"] == pytest.approx(
+        d["shrunk"]["params"] / d["dense"]["params"])
+    for side in ("dense", "shrunk"):
+        assert d[side]["prefill_tokens_per_s"] > 0 and d[side]["decode_tokens_per_s"] > 0
+        assert len(d[side]["prefill_s"]) == 2 and len(d[side]["decode_s"]) == 2
+    assert d["memory_kind"] == "skipped" and d["prompt_len"] == 16 and d["new_tokens"] == 4
+
+
+def test_bench_table_with_baseline_and_memory(dirs):
+    r = _bench(dirs / "shrunk", "--baseline", dirs / "dense", "--prompt-len", 8, "--new-tokens", 2, "--repeats", 1)
+    assert r.exit_code == 0, r.output
+    for word in ("prefill tokens/s", "decode tokens/s", "peak memory (rss)", "shrunk/dense", "MiB"):
+        assert word in r.stdout, word
+    assert str(dirs / "dense") in r.stdout
+
+
+def test_run_once_feeds_the_same_tokens_to_any_model(dirs):
+    # teacher forcing: the decode work does not depend on the weights
+    m = gpconv.from_pretrained(dirs / "shrunk")
+    ids = torch.randint(3, 100, (1, 12))
+    calls = []
+    real = m.forward
+
+    def spy(*a, **kw):
+        calls.append(kw["input_ids"].clone())
+        return real(*a, **kw)
+
+    m.forward = spy
+    pf, dc = run_once(m, ids, 8, 4)
+    assert pf > 0 and dc > 0
+    assert torch.equal(calls[0], ids[:, :8]) and [c.shape[1] for c in calls[1:]] == [1, 1, 1, 1]
+    assert torch.equal(torch.cat(calls[1:], 1), ids[:, 8:12])
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["{tmp}/nothing"], "no such model directory"),
+        (["{dense}"], "not a gpconv checkpoint; pass --baseline"),
+        (["{shrunk}", "--prompt-len", "100000"], "exceeds the model's"),
+        (["{shrunk}", "--repeats", "0"], "repeats must be >= 1"),
+        (["{shrunk}", "--device", "tpu"], "cpu or cuda"),
+        (["{shrunk}", "--dtype", "float7"], "unknown dtype"),
+    ],
+)
+def test_user_errors_one_line_exit_2(dirs, tmp_path, args, message):
+    args = [a.format(tmp=tmp_path, dense=dirs / "dense", shrunk=dirs / "shrunk") for a in args]
+    r = _bench(*args, "--no-memory")
+    assert r.exit_code == 2, r.output
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert "Traceback" not in r.output
