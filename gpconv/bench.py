@@ -311,8 +311,18 @@ def bench(
     if dev.type not in ("cpu", "cuda"):
         raise GPConvError(f"gpconv bench runs on cpu or cuda, not {device!r}")
     td = parse_dtype(dtype)
+    before = torch.get_num_threads()
     if threads is not None:
+        if threads < 1:
+            raise GPConvError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
+    try:
+        return _bench(model_dir, baseline, dev, dtype, td, batch, prompt_len, new_tokens, repeats, memory)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _bench(model_dir, baseline, dev, dtype, td, batch, prompt_len, new_tokens, repeats, memory) -> BenchResult:
     load_before = _loadavg()
     dense, shrunk, dense_name, shrunk_name = load_pair(model_dir, baseline, td)
     max_pos = getattr(dense.config, "max_position_embeddings", None)

@@ -251,7 +251,9 @@ def build_meta(config):
     from transformers import AutoModelForCausalLM
 
     with init_empty_weights(include_buffers=False), _quiet():
-        return AutoModelForCausalLM.from_config(config)
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # tied embeddings count once, as in the loaded model
+    return model
 
 
 def _check_local(spec: str) -> None:

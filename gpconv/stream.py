@@ -223,7 +223,7 @@ def stream_shrink(
     from .io import _read_config, atomic_dir, attach_plan, check_output_dir
     from .layers import BlockSpec, is_gpconv_module
     from .models import _quiet, build_meta, load_tokenizer
-    from .surgery import GPConvConfig, current_plan, shrink
+    from .surgery import PLAN_FORMAT, GPConvConfig, current_plan, shrink
 
     cfg = config or GPConvConfig()
     src = Path(src).expanduser()
@@ -274,7 +274,6 @@ def stream_shrink(
     missing = [k for k in needed if k not in source.where]
     if missing:
         raise StreamUnsupported(f"the checkpoint lacks {len(missing)} tensor(s) the model has, e.g. {missing[0]!r}")
-    del model  # meta: nothing to free, but nothing below needs it either
 
     def read(key):
         t = source.get(key)
@@ -310,12 +309,12 @@ def stream_shrink(
         writer.finish()
 
         # 3. config with the plan, modeling file, tokenizer, generation config
-        full_plan = {"format": current_plan_format(), "modules": final_plan, "gpconv_version": __version__}
-        meta_model = build_meta(hf_config)  # a fresh dense meta model, for the class name
+        # the same keys save_pretrained writes: current_plan() + the gpconv version
+        full_plan = {"format": PLAN_FORMAT, "modules": final_plan, "gpconv_version": __version__}
         if td is not None:
-            hf_config.dtype = str(td).split(".")[1]
-        hf_config.architectures = [type(meta_model).__name__]
-        attach_plan(hf_config, meta_model, full_plan, tmp)
+            hf_config.dtype = str(td).split(".")[1]  # as transformers' save_pretrained records it
+        hf_config.architectures = [type(model).__name__]
+        attach_plan(hf_config, model, full_plan, tmp)  # the (meta) model only lends its class
         hf_config.save_pretrained(tmp)
         with _quiet():
             if (src / "generation_config.json").is_file():
@@ -334,8 +333,3 @@ def stream_shrink(
                 m.reason += ", permuted"  # as surgery reports a permuted block
     return report
 
-
-def current_plan_format() -> int:
-    from .surgery import PLAN_FORMAT
-
-    return PLAN_FORMAT

@@ -79,3 +79,12 @@ def test_describe_lists_blocks_of_a_shrunk_model():
     status = {m.name.rsplit(".", 1)[-1]: m.status for m in rep.modules}
     assert status == {"qkv_proj": "dense", "o_proj": "dense", "gate_up_proj": "already", "down_proj": "already"}
     assert rep.before == rep.after == count_parameters(model)
+
+
+def test_meta_build_ties_embeddings_like_the_loaded_model():
+    from tiny_models import FAMILIES
+
+    loaded = FAMILIES["llama-tied"][0]()
+    meta = build_meta(loaded.config)
+    assert meta.get_output_embeddings().weight is meta.get_input_embeddings().weight
+    assert count_parameters(meta) == count_parameters(loaded)

@@ -178,3 +178,21 @@ def test_parse_size():
     assert parse_size(123) == 123
     with pytest.raises(GPConvError, match="shard size"):
         parse_size("lots")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--dtype", "float7"], "unknown dtype"),
+        (["-m", "0"], "min_channels_per_group must be a positive integer"),
+        (["-t", "nonexistent_proj"], "no module matched target_modules='nonexistent_proj'"),
+    ],
+)
+def test_cli_streaming_user_errors_one_line_exit_2(tmp_path, sources, extra, message):
+    out = tmp_path / "o"
+    r = CliRunner().invoke(app, ["shrink", str(sources["phi3"]), "--out", str(out), "--init", "project", *extra])
+    assert r.exit_code == 2, r.output
+    err = r.stderr.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert "Traceback" not in r.output
+    assert not out.exists() and list(tmp_path.iterdir()) == []
