@@ -14,10 +14,10 @@ Methods (``--methods``):
   project  the same block, closest to the dense weights (Frobenius)
   fit      the same block, fitted on calibration data, layer by layer on the shrunk prefix,
            matching the dense model's outputs (sequential, corrected)
-  hybrid   gpconv's budget solver over io / low-rank / grouped+low-rank per layer, fitted as `fit`
+  hybrid   every layer gets the io block's budget, split between a grouped and a low-rank part
+           by measured error (all grouped, all low-rank, or a mix), fitted as `fit`
   svd      activation-aware (whitened) truncated SVD, uniform rank fraction, fitted as `fit`
-  svd-budget  the same SVD, ranks chosen per layer by the same budget solver as `hybrid` (this
-           separates what the solver's allocation buys from what grouped blocks buy)
+  svd-budget  the same SVD, ranks chosen per layer by gpconv's budget solver (--target-params)
   depth    depth pruning: keep the decoder layers that change the hidden state most (all weights train)
   scratch  the io student's shape with every weight random (all weights train)
 
@@ -67,9 +67,8 @@ def build_student(method, teacher, fraction, calib_batches, ridge):
         return student, shrink(student, io_uniform(fraction, h, i, init="project")), "grouped"
     if method == "fit":
         return student, shrink(student, io_uniform(fraction, h, i, init="fit", ridge=ridge), calibration=seq), "grouped"
-    if method == "hybrid":
-        rep = shrink(student, GPConvConfig(variant="hybrid", init="fit", target_params=fraction,
-                                           min_channels_per_group=16, ridge=ridge), calibration=seq)
+    if method == "hybrid":  # every layer the io block's budget, split grouped / low-rank by error
+        rep = shrink(student, io_uniform(fraction, h, i, variant="hybrid", init="fit", ridge=ridge), calibration=seq)
         return student, rep, "grouped"
     if method == "svd":
         rep = shrink(student, GPConvConfig(variant="lowrank", rank=fraction, init="fit", ridge=ridge), calibration=seq)
@@ -92,6 +91,24 @@ def build_student(method, teacher, fraction, calib_batches, ridge):
     raise SystemExit(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
 
 
+def load_data(tok, block_size: int, eval_blocks: int, calib_blocks: int,
+              alpaca_path: str = str(SHARED / "alpaca_5000_subset.json"),
+              wikitext_path: str = str(SHARED / "wikitext2_valid_pytorch_examples.txt")) -> dict:
+    """The fixed split every method sees: calibration, training and two held-out sets."""
+    alpaca = load_rows(alpaca_path)
+    part = lambda a, b: Rows(alpaca.rows[a:b], alpaca.schema, alpaca.name)  # noqa: E731
+    kw = dict(format="chat-template", block_size=block_size, val_size=0)
+    calib, _ = build_datasets(part(0, 1000), tok, **kw)
+    train, _ = build_datasets(part(1000, 4500), tok, **kw)
+    held, _ = build_datasets(part(4500, 5000), tok, **kw)
+    wiki, _ = build_datasets(wikitext_path, tok, format="plain", block_size=block_size, val_size=0)
+    n = eval_blocks
+    sets = {"alpaca": gpconv.TokenBlocks(held.input_ids[:n], held.labels[:n]),
+            "wikitext": gpconv.TokenBlocks(wiki.input_ids[:n], wiki.labels[:n])}
+    cb = calib.input_ids[:calib_blocks]
+    return {"sets": sets, "train": train, "calib_batches": [cb[i:i + 4] for i in range(0, len(cb), 4)]}
+
+
 def perplexities(model, sets: dict) -> dict:
     return {name: gpconv.evaluate(model, blocks, batch_size=4)["perplexity"] for name, blocks in sets.items()}
 
@@ -110,7 +127,7 @@ def main():
     ap.add_argument("--eval-every", type=int, default=30)
     ap.add_argument("--eval-blocks", type=int, default=16)
     ap.add_argument("--calib-blocks", type=int, default=32)
-    ap.add_argument("--ridge", type=float, default=1.0)
+    ap.add_argument("--ridge", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="docs/results")
     args = ap.parse_args()
@@ -123,18 +140,8 @@ def main():
 
     teacher, tok = gpconv.load_model(args.model)
     teacher.requires_grad_(False)
-    alpaca = load_rows(args.alpaca)
-    part = lambda a, b: Rows(alpaca.rows[a:b], alpaca.schema, alpaca.name)  # noqa: E731
-    kw = dict(format="chat-template", block_size=args.block_size, val_size=0)
-    calib, _ = build_datasets(part(0, 1000), tok, **kw)
-    train, _ = build_datasets(part(1000, 4500), tok, **kw)
-    held, _ = build_datasets(part(4500, 5000), tok, **kw)
-    wiki, _ = build_datasets(args.wikitext, tok, format="plain", block_size=args.block_size, val_size=0)
-    n = args.eval_blocks
-    sets = {"alpaca": gpconv.TokenBlocks(held.input_ids[:n], held.labels[:n]),
-            "wikitext": gpconv.TokenBlocks(wiki.input_ids[:n], wiki.labels[:n])}
-    cb = calib.input_ids[: args.calib_blocks]
-    calib_batches = [cb[i:i + 4] for i in range(0, len(cb), 4)]
+    data = load_data(tok, args.block_size, args.eval_blocks, args.calib_blocks, args.alpaca, args.wikitext)
+    sets, train, calib_batches = data["sets"], data["train"], data["calib_batches"]
     teacher_ppl = perplexities(teacher, sets)
     base = count_parameters(teacher)
     print(f"teacher: {base.non_embedding:,} non-embedding params, ppl {teacher_ppl}", flush=True)

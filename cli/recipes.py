@@ -34,7 +34,7 @@ def run(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output directory (same as --set output.dir=DIR)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory (output.overwrite=true)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the newest checkpoint in the output directory (output.resume=true)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and its parameter budget (meta device); load no weights, read no data, write nothing."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the resolved recipe and its parameter budget (meta device); load no weights (a .gguf is read for its config), read no data, write nothing."),
     list_: bool = typer.Option(False, "--list", help="List the bundled recipes and exit."),
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ):
@@ -62,9 +62,12 @@ def run(
         todo = recipes.missing_keys(r)
         if todo:
             typer.echo(f"# still to set before a run: {', '.join(todo)}")
-        typer.echo("")
-        plan = recipes.plan(r)
-        plan.print()
+        # the budget goes to stderr, so `gpconv run NAME --dry-run > mine.yaml` is a runnable recipe
+        import sys
+
+        from rich.console import Console
+
+        recipes.plan(r).print(console=Console(stderr=True, width=None if sys.stderr.isatty() else 160))
         return
     res = recipes.run_recipe(r, progress=not no_progress, say=typer.echo)
     typer.echo(f"done in {res.wall_s:.0f} s")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import torch
 
 INITS = ("random", "project", "fit")
+DEFAULT_RIDGE = 0.1  # see GPConvConfig.ridge
 
 
 def ridge_lambda(cov: torch.Tensor, ridge: float) -> torch.Tensor:
@@ -49,7 +50,7 @@ def fit_io_weight(
     groups: int,
     gather_index: torch.Tensor,
     cov: torch.Tensor | None = None,
-    ridge: float = 1e-2,
+    ridge: float = DEFAULT_RIDGE,
 ) -> torch.Tensor:
     """Weights ``(groups, out/groups, 2*in/groups)`` of the io block closest to ``weight`` (out, in).
 
@@ -72,7 +73,7 @@ def fit_io_weight(
 
 
 @torch.no_grad()
-def fit_grouped_weight(weight: torch.Tensor, groups: int, cov: torch.Tensor | None = None, ridge: float = 1e-2):
+def fit_grouped_weight(weight: torch.Tensor, groups: int, cov: torch.Tensor | None = None, ridge: float = DEFAULT_RIDGE):
     """Block-diagonal ``(groups, out/g, in/g)`` closest to ``weight`` (out, in) under ``C``."""
     w = weight.detach().to(torch.float64)
     c64 = None if cov is None else cov.to(torch.float64)
@@ -86,7 +87,7 @@ def fit_grouped_weight(weight: torch.Tensor, groups: int, cov: torch.Tensor | No
 
 
 @torch.no_grad()
-def init_block_(module, weight: torch.Tensor, bias: torch.Tensor | None, method: str, cov=None, ridge=1e-2):
+def init_block_(module, weight: torch.Tensor, bias: torch.Tensor | None, method: str, cov=None, ridge=DEFAULT_RIDGE):
     """Set ``module`` (a fresh gpconv block) from the dense ``weight`` (out, in) and ``bias``.
 
     ``method`` is one of :data:`INITS`; ``fit`` needs ``cov`` (in, in). Hybrid and low-rank blocks
@@ -219,7 +220,7 @@ def choose_permutation(weight: torch.Tensor, groups: int, cov: torch.Tensor | No
 
 @torch.no_grad()
 def fit_layer(spec, weight: torch.Tensor, bias: torch.Tensor | None, init: str, stats=None,
-              ridge: float = 1e-2, permute: bool = False):
+              ridge: float = DEFAULT_RIDGE, permute: bool = False):
     """Build the module ``spec`` describes, initialised from the dense ``weight`` (out, in).
 
     ``stats`` (:class:`gpconv.calibrate.LayerStats`) makes ``fit`` possible and errors honest:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from .init import DEFAULT_RIDGE
+
 
 def _whitener(cov: torch.Tensor | None, n: int, ridge: float, device) -> tuple[torch.Tensor, torch.Tensor] | None:
     """``(L, L^-1)`` with ``C + lambda I = L L^T``, or None for ``C = I``."""
@@ -30,7 +32,7 @@ def _whitener(cov: torch.Tensor | None, n: int, ridge: float, device) -> tuple[t
 
 
 @torch.no_grad()
-def whitened_svd(weight: torch.Tensor, rank: int, cov: torch.Tensor | None = None, ridge: float = 1e-2):
+def whitened_svd(weight: torch.Tensor, rank: int, cov: torch.Tensor | None = None, ridge: float = DEFAULT_RIDGE):
     """Rank-``rank`` factors ``(B (out, r), A (r, in))`` of ``weight`` (out, in), float64."""
     w = weight.detach().to(torch.float64)
     wh = _whitener(cov, w.shape[1], ridge, w.device)
@@ -49,7 +51,7 @@ def whitened_svd(weight: torch.Tensor, rank: int, cov: torch.Tensor | None = Non
 
 
 @torch.no_grad()
-def init_lowrank_(module, weight: torch.Tensor, cov: torch.Tensor | None = None, ridge: float = 1e-2, rounds: int = 4):
+def init_lowrank_(module, weight: torch.Tensor, cov: torch.Tensor | None = None, ridge: float = DEFAULT_RIDGE, rounds: int = 4):
     """Initialise a :class:`~gpconv.layers.LowRankLinear` or a hybrid block from ``weight``."""
     from .init import fit_io_weight
     from .layers import LowRankLinear, io_dense

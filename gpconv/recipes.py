@@ -217,9 +217,8 @@ def _unknown(where: str, key: str, known: Iterable[str]) -> GPConvError:
     return GPConvError(f"unknown recipe key {where + '.' if where else ''}{key}{extra}")
 
 
-def _section(recipe: dict, name: str, defaults: Mapping[str, Any], nullable: bool) -> dict | None:
-    """``recipe[name]`` merged over ``defaults``; unknown keys refused."""
-    value = recipe.get(name, {} if not nullable else None)
+def _section(value, name: str, defaults: Mapping[str, Any], nullable: bool) -> dict | None:
+    """The section ``name`` (its value ``value``) merged over ``defaults``; unknown keys refused."""
     if value is None:
         if not nullable:
             raise GPConvError(f"recipe section {name} cannot be null")
@@ -293,7 +292,7 @@ def resolve(raw: dict, name: str = "recipe") -> dict:
     r: dict[str, Any] = {"name": raw.get("name") or name, "description": raw.get("description") or ""}
     r["seed"] = _require(raw.get("seed", 0), "seed", (int,), "an integer")
 
-    model = _section(raw, "model", MODEL, nullable=False)
+    model = _section(raw.get("model", {}), "model", MODEL, nullable=False)
     if (model["name"] is None) == (model["config"] is None):
         raise GPConvError("recipe model needs exactly one of model.name (a model to load) or model.config (from scratch)")
     if model["config"] is not None:
@@ -312,7 +311,7 @@ def resolve(raw: dict, name: str = "recipe") -> dict:
     if isinstance(teacher, str):
         teacher = {"name": teacher}
     if teacher is not None:
-        teacher = _section({"teacher": teacher}, "teacher", TEACHER, nullable=True)
+        teacher = _section(teacher, "teacher", TEACHER, nullable=True)
         _require(teacher["name"], "teacher.name", (str,), "a model spec string (or 'model')")
         if teacher["name"] is None:
             raise GPConvError("recipe teacher needs teacher.name (a model spec, or 'model' for the model before surgery)")
@@ -320,16 +319,16 @@ def resolve(raw: dict, name: str = "recipe") -> dict:
             parse_dtype(teacher["dtype"])
     r["teacher"] = teacher
 
-    surgery = _section(raw, "surgery", _surgery_keys(), nullable=True)
+    surgery = _section(raw.get("surgery"), "surgery", _surgery_keys(), nullable=True)
     if surgery is not None:
         calib = surgery.pop("calibration")
         from .surgery import GPConvConfig
 
         _build(GPConvConfig, "surgery", surgery)  # checks every value now
-        surgery["calibration"] = None if calib is None else _section({"calibration": calib}, "calibration", CALIBRATION, False)
+        surgery["calibration"] = None if calib is None else _section(calib, "surgery.calibration", CALIBRATION, False)
     r["surgery"] = surgery
 
-    data = _section(raw, "data", DATA, nullable=True)
+    data = _section(raw.get("data"), "data", DATA, nullable=True)
     if data is not None:
         from .data import FORMATS
 
@@ -348,14 +347,14 @@ def resolve(raw: dict, name: str = "recipe") -> dict:
             raise GPConvError("recipe key data.filter: a mapping column -> value or list of values to keep")
     r["data"] = data
 
-    train = _section(raw, "train", _train_keys(), nullable=True)
+    train = _section(raw.get("train"), "train", _train_keys(), nullable=True)
     if train is not None:
         from .training import TrainConfig
 
         _build(TrainConfig, "train", train)
     r["train"] = train
 
-    ev = _section(raw, "eval", EVAL, nullable=True)
+    ev = _section(raw["eval"] if "eval" in raw else ({} if r["data"] else None), "eval", EVAL, nullable=True)
     if ev is not None:
         _require(ev["batch_size"], "eval.batch_size", (int,), "an integer")
         _require(ev["max_batches"], "eval.max_batches", (int,), "an integer")
@@ -366,7 +365,7 @@ def resolve(raw: dict, name: str = "recipe") -> dict:
             raise GPConvError("recipe key eval.prompts: a list of prompt strings")
     r["eval"] = ev
 
-    out = _section(raw, "output", OUTPUT, nullable=False)
+    out = _section(raw.get("output", {}), "output", OUTPUT, nullable=False)
     _require(out["dir"], "output.dir", (str,), "a directory path")
     for k in ("overwrite", "resume"):
         _require(out[k], f"output.{k}", (bool,), "true or false")
@@ -383,8 +382,9 @@ def resolve(raw: dict, name: str = "recipe") -> dict:
 
 def _build(cls, section: str, values: dict):
     """``cls(**values)`` with one-line errors; the config classes check their own values."""
+    values = _typed(cls, section, values)
     try:
-        return cls(**_typed(cls, section, values))
+        return cls(**values)
     except GPConvError as e:
         raise GPConvError(f"recipe section {section}: {e}") from None
     except (TypeError, ValueError) as e:
@@ -481,8 +481,11 @@ def build_model(recipe: Mapping, meta: bool = False):
         from .models import _quiet
 
         torch.manual_seed(recipe["seed"])  # from scratch: the seed decides the init
-        with _quiet():
-            model = AutoModelForCausalLM.from_config(cfg, dtype=parse_dtype(m["dtype"]) or torch.float32)
+        try:
+            with _quiet():
+                model = AutoModelForCausalLM.from_config(cfg, dtype=parse_dtype(m["dtype"]) or torch.float32)
+        except (AssertionError, ValueError, TypeError, KeyError) as e:  # e.g. a pad id outside the vocabulary
+            raise GPConvError(f"recipe model.config: cannot build the model ({str(e).strip() or type(e).__name__})") from None
         model.config._name_or_path = recipe["name"]
         tok = load_tokenizer(m["tokenizer"])
         _fit_tokenizer(model, tok)
@@ -554,15 +557,16 @@ def _rows(data: Mapping):
     return Rows(kept, rows.schema, rows.name)
 
 
-def build_data(recipe: Mapping, tokenizer):
-    """``(train_blocks, val_blocks)`` as ``gpconv.build_datasets`` makes them."""
+def build_data(recipe: Mapping, tokenizer, rows=None):
+    """``(train_blocks, val_blocks)`` as ``gpconv.build_datasets`` makes them (from ``rows``
+    when they were read already)."""
     import gpconv
 
     d = recipe["data"]
     if tokenizer is None:
         raise GPConvError("this model has no tokenizer; set model.tokenizer")
     return gpconv.build_datasets(
-        _rows(d), tokenizer, format=d["format"], block_size=d["block_size"], val_size=d["val_size"],
+        rows if rows is not None else _rows(d), tokenizer, format=d["format"], block_size=d["block_size"], val_size=d["val_size"],
         seed=recipe["seed"], response_only=d["response_only"], pack=d["pack"],
     )
 
@@ -635,6 +639,8 @@ def run_recipe(recipe: str | os.PathLike | Mapping, overrides=None, *, progress:
         check_run_dir(out_dir, r["output"]["resume"], r["output"]["overwrite"])
     tcfg = train_config(r, progress) if r["train"] is not None else None
     machine = _machine()
+    # the data rows are read (or the stream opened) first: a wrong file fails before any model loads
+    rows = _rows(r["data"]) if r["data"] is not None else None
 
     # 1. model (and the teacher: a copy taken before surgery, or another model)
     m = r["model"]
@@ -679,7 +685,7 @@ def run_recipe(recipe: str | os.PathLike | Mapping, overrides=None, *, progress:
     # 3. data
     train_blocks = val_blocks = None
     if r["data"] is not None:
-        train_blocks, val_blocks = build_data(r, tok)
+        train_blocks, val_blocks = build_data(r, tok, rows)
         n_train = len(train_blocks) if isinstance(train_blocks, gpconv.TokenBlocks) else "streamed"
         say(f"[{r['name']}] data: {r['data']['source']} -> {n_train} training blocks, "
             f"{0 if val_blocks is None else len(val_blocks)} validation blocks of {r['data']['block_size']} tokens")

@@ -9,7 +9,7 @@ import torch
 
 import gpconv
 from gpconv import BlockSpec, GPConvConfig, GPConvError, count_parameters, shrink
-from gpconv.budget import Option, layer_options, parse_target, solve
+from gpconv.budget import Option, best_split, layer_options, parse_target, solve
 from gpconv.calibrate import Calibration, LayerStats
 from gpconv.init import choose_permutation, fit_layer, relative_error
 from tiny_models import FAMILIES, VOCAB
@@ -70,11 +70,11 @@ def test_hybrid_split_is_never_worse_than_lowrank_of_the_same_size():
     # a low-rank head plus a block-diagonal part: what neither half captures alone
     w = u @ v + torch.block_diag(*[torch.randn(8, 8) for _ in range(16)]) + 0.05 * torch.randn(128, 128)
     st = _correlated_stats(128)
-    menu = layer_options("hybrid", 128, 128, False, "linear", w, st.fit, 8, ridge=1e-6)
     budget = 128 * 128 // 4
-    within = [o for o in menu if o.spec is not None and o.params <= budget]
-    best = min(within, key=lambda o: o.error)
-    lowrank = min((o for o in within if o.spec.variant == "lowrank"), key=lambda o: o.error)
+    best = best_split(128, 128, False, "linear", w, st.fit, budget, 8, ridge=1e-6)
+    assert best.params <= budget
+    menu = layer_options("lowrank", 128, 128, False, "linear", w, st.fit, 8, ridge=1e-6)
+    lowrank = min((o for o in menu if o.spec is not None and o.params <= budget), key=lambda o: o.error)
     assert best.error <= lowrank.error
     assert best.spec.variant == "hybrid"  # on this matrix the mix wins
     m, _ = fit_layer(best.spec, w, None, "fit", st, ridge=1e-6)
@@ -209,12 +209,17 @@ def test_cli_fit_with_calibration_file_and_target(tmp_path):
     data = tmp_path / "cal.json"
     data.write_text(json.dumps(rows))
     out = tmp_path / "o"
-    r = CliRunner().invoke(app, ["shrink", "tiny-phi3", "--out", str(out), "-m", "64", "--init", "fit",
-                                 "--target-params", "0.3", "--calibration-data", str(data), "--sequential",
+    r = CliRunner().invoke(app, ["shrink", "tiny-phi3", "--out", str(out), "-m", "64", "--init", "fit", "-t", "o_proj",
+                                 "--target-params", "0.95", "--calibration-data", str(data), "--sequential",
                                  "--calibration-blocks", "8", "--calibration-block-size", "64", "--json"])
     assert r.exit_code == 0, r.output
     rep = json.loads(r.stdout)
     assert rep["after"]["non_embedding"] <= rep["target_non_embedding"]
+    assert {m["name"].rsplit(".", 1)[-1] for m in rep["modules"]} == {"o_proj"}
     assert all(m["error"] is not None for m in rep["modules"] if m["status"] == "replaced")
     r2 = CliRunner().invoke(app, ["shrink", "tiny-phi3", "--out", str(tmp_path / "x"), "--init", "fit"])
     assert r2.exit_code == 2 and "--calibration-data" in r2.stderr
+    # an unreachable target is one clear line, and nothing is written
+    r3 = CliRunner().invoke(app, ["shrink", "tiny-phi3", "--out", str(tmp_path / "y"), "-t", "o_proj",
+                                  "--target-params", "0.3"])
+    assert r3.exit_code == 2 and "out of reach" in r3.stderr and not (tmp_path / "y").exists()
