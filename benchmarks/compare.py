@@ -16,6 +16,9 @@ Methods (``--methods``):
            matching the dense model's outputs (sequential, corrected)
   hybrid   every layer gets the io block's budget, split between a grouped and a low-rank part
            by measured error (all grouped, all low-rank, or a mix), fitted as `fit`
+  hybrid-permute  as hybrid, with grouped options also tried under gpconv's channel permutation
+  hybrid-fixed  every layer: an io block with 64 groups (2/64 of the layer) plus low-rank for the
+           rest of the budget, fitted as `fit` (a grouped share the error-based split would not pick)
   svd      activation-aware (whitened) truncated SVD, uniform rank fraction, fitted as `fit`
   svd-budget  the same SVD, ranks chosen per layer by gpconv's budget solver (--target-params)
   depth    depth pruning: keep the decoder layers that change the hidden state most (all weights train)
@@ -45,7 +48,7 @@ from gpconv.calibrate import Calibration
 from gpconv.data import Rows, build_datasets, load_rows
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-METHODS = ("random", "project", "fit", "hybrid", "svd", "svd-budget", "depth", "scratch")
+METHODS = ("random", "project", "fit", "hybrid", "hybrid-permute", "hybrid-fixed", "svd", "svd-budget", "depth", "scratch")
 
 
 def io_uniform(fraction: float, hidden: int, intermediate: int, **kw) -> GPConvConfig:
@@ -69,6 +72,15 @@ def build_student(method, teacher, fraction, calib_batches, ridge):
         return student, shrink(student, io_uniform(fraction, h, i, init="fit", ridge=ridge), calibration=seq), "grouped"
     if method == "hybrid":  # every layer the io block's budget, split grouped / low-rank by error
         rep = shrink(student, io_uniform(fraction, h, i, variant="hybrid", init="fit", ridge=ridge), calibration=seq)
+        return student, rep, "grouped"
+    if method == "hybrid-permute":  # the same split, grouped options also tried with the channel permutation
+        rep = shrink(student, io_uniform(fraction, h, i, variant="hybrid", init="fit", ridge=ridge, permute=True),
+                     calibration=seq)
+        return student, rep, "grouped"
+    if method == "hybrid-fixed":  # a fixed small grouped share (g = 64: 2/64 of each layer), the rest low-rank
+        g = 64
+        rep = shrink(student, io_uniform(2 / g, h, i, variant="hybrid", rank=fraction - 2 / g, init="fit", ridge=ridge),
+                     calibration=seq)
         return student, rep, "grouped"
     if method == "svd":
         rep = shrink(student, GPConvConfig(variant="lowrank", rank=fraction, init="fit", ridge=ridge), calibration=seq)
@@ -130,7 +142,12 @@ def main():
     ap.add_argument("--ridge", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="docs/results")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="DIR",
+                    help="only merge the results.json of runs made in parallel (one per fraction) into --out")
     args = ap.parse_args()
+    if args.merge:
+        merge(args.merge, Path(args.out))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -167,18 +184,43 @@ def main():
                                   **perplexities(student, sets)})
                     print(f"  {key} step {step}: {curve[-1]}", flush=True)
 
-            cfg = gpconv.TrainConfig(max_steps=args.steps, batch_size=args.batch_size, lr=args.lr, train=mode,
+            cfg = gpconv.TrainConfig(max_steps=max(args.steps, 1), batch_size=args.batch_size, lr=args.lr, train=mode,
                                      warmup_ratio=0.05, save_every=0, progress=False, seed=0)
             t1 = time.time()
-            gpconv.distill(student, teacher, train, cfg, callbacks=[every])
+            if args.steps > 0:  # --steps 0 measures surgery alone
+                gpconv.distill(student, teacher, train, cfg, callbacks=[every])
             results[key] = {
                 "method": method, "fraction": fraction, "non_embedding": report.after.non_embedding,
                 "kept_fraction": report.kept_fraction, "trained": mode, "surgery_s": surgery_s,
+                "variants": _variant_counts(report),
                 "recovery_s": time.time() - t1, "after_surgery": after, "after_recovery": curve[-1], "curve": curve,
             }
             result_file.write_text(json.dumps(results, indent=1))
             del student
     write_outputs(results, out)
+
+
+def merge(dirs: list[str], out: Path) -> None:
+    """One results.json (+ table and plots) from runs of this script with different --out."""
+    merged: dict = {}
+    commands = []
+    for d in dirs:
+        part = json.loads((Path(d) / "results.json").read_text())
+        commands.append(part["_meta"]["command"])
+        merged.update(part)
+    merged["_meta"] = dict(merged["_meta"], command=" && ".join(commands))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(merged, indent=1))
+    write_outputs(merged, out)
+
+
+def _variant_counts(report) -> dict:
+    """How many replaced layers got each kind of block (e.g. how often the hybrid split chose a mix)."""
+    counts: dict[str, int] = {}
+    for m in report.modules:
+        if m.status == "replaced":
+            counts[m.variant] = counts.get(m.variant, 0) + 1
+    return counts
 
 
 def write_outputs(results: dict, out: Path) -> None:

@@ -23,6 +23,18 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
     rich_markup_mode="markdown",
+    epilog="""**Examples**
+
+    gpconv shrink tiny-phi3 --out tiny-kphi3 -m 64           (offline demo model)
+
+    gpconv report ./phi3-config-dir -m 256                   (budget from config.json alone)
+
+    gpconv distill kphi3-mini --teacher microsoft/Phi-3-mini-4k-instruct --data lamini --out kd --max-steps 20000
+
+    gpconv run --list                                        (bundled recipes)
+
+    `gpconv COMMAND --help` shows each command's options and examples.
+""",
 )
 
 DEFAULT_MODEL = "microsoft/Phi-3-mini-4k-instruct"

@@ -69,15 +69,19 @@ def _main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def _rows(data, fmt, val_size, max_samples, streaming):
-    """Read (or open the stream of) the data and check its columns: before any model is loaded."""
+def _rows(data, fmt, val_size, max_samples, streaming, cfg=None):
+    """Read (or open the stream of) the data and check its columns: before any model is loaded.
+    With the run's ``cfg``, also check that a stream (no length) comes with a step count."""
     from gpconv.data import FORMATS, load_rows
     from gpconv.errors import GPConvError
 
     if fmt not in FORMATS:
         raise GPConvError(f"unknown data format {fmt!r}; choose one of: {', '.join(FORMATS)}")
     _val_size(val_size)
-    return load_rows(data, streaming=streaming, max_samples=max_samples)
+    rows = load_rows(data, streaming=streaming, max_samples=max_samples)
+    if cfg is not None and rows.streaming and not cfg.max_steps:
+        raise GPConvError(f"streamed data ({data}) has no length: give --max-steps")
+    return rows
 
 
 def _datasets(tok, rows, fmt, block_size, val_size, seed, response_only, pack):
@@ -195,7 +199,7 @@ def distill(
                   max_grad_norm, lora_r, lora_alpha, precision, gradient_checkpointing, save_every, keep_checkpoints,
                   eval_every, eval_batches, log_every, metrics, resume, overwrite, no_progress, seed,
                   kl_weight=kl_weight, ce_weight=ce_weight, hidden_weight=hidden_weight, temperature=temperature)
-    rows = _rows(data, fmt, val_size, max_samples, streaming)
+    rows = _rows(data, fmt, val_size, max_samples, streaming, cfg)
     t_model, t_tok = gpconv.load_model(teacher, dtype=dtype)
     s_model, s_tok = _load(student, dtype)
     tok = s_tok or t_tok
@@ -209,10 +213,11 @@ def distill(
 
     gpconv train smol-kp --data alpaca.json --out smol-ft --max-steps 300 --lr 1e-4
 
-    gpconv train smol-kp --data dolly --out smol-lora --train lora --response-only --format chat-template
+    gpconv shrink smollm2-135m-instruct --out smol-mlp -m 64 --targets mlp --init project   (attention stays dense)
+    gpconv train smol-mlp --data dolly --out smol-lora --train lora --response-only --format chat-template
 
     gpconv shrink ./phi3-config-dir --out kphi3-random -m 256   (a config-only directory: random init)
-    gpconv train kphi3-random --data lamini --out kphi3-scratch --max-steps 50000 --lr 1e-3
+    gpconv train kphi3-random --tokenizer microsoft/Phi-3-mini-4k-instruct --data lamini --out kphi3-scratch --max-steps 50000 --lr 1e-3
 
     gpconv train ./config.json --tokenizer microsoft/Phi-3-mini-4k-instruct --data lamini --out scratch --max-steps 1000
 """
@@ -239,7 +244,7 @@ def train(
     cfg = _config(out, train_mode, max_steps, epochs, batch_size, grad_accum, lr, warmup_ratio, weight_decay,
                   max_grad_norm, lora_r, lora_alpha, precision, gradient_checkpointing, save_every, keep_checkpoints,
                   eval_every, eval_batches, log_every, metrics, resume, overwrite, no_progress, seed)
-    rows = _rows(data, fmt, val_size, max_samples, streaming)
+    rows = _rows(data, fmt, val_size, max_samples, streaming, cfg)
     m, tok = _load(model, dtype)
     if tokenizer is not None:
         tok = _load_tokenizer(tokenizer)

@@ -87,7 +87,8 @@ def shrink(
                                         block_size=calibration_block_size, num_blocks=calibration_blocks,
                                         sequential=sequential)
         report = gpconv.shrink(m, cfg, calibration=calib, model_name=model)
-        gpconv.save_pretrained(m, out, tok, overwrite=overwrite)
+        _check_changed(report)
+        gpconv.save_pretrained(m, out, tok, overwrite=overwrite, report=report)
         _finish(report, out, as_json)
         return
     from gpconv.stream import StreamUnsupported, stream_shrink
@@ -96,18 +97,29 @@ def shrink(
         # A local safetensors directory with a data-free init streams tensor by tensor (the
         # model is never loaded; same checkpoint as below). Anything else: StreamUnsupported,
         # raised before any work.
-        report = stream_shrink(model, out, cfg, dtype=dtype, overwrite=overwrite, model_name=model)
+        report = stream_shrink(model, out, cfg, dtype=dtype, overwrite=overwrite, model_name=model,
+                              check=_check_changed)
     except StreamUnsupported:
         m, tok = gpconv.load_model(model, dtype=dtype)
         report = gpconv.shrink(m, cfg, model_name=model)
-        gpconv.save_pretrained(m, out, tok, overwrite=overwrite)
+        _check_changed(report)
+        gpconv.save_pretrained(m, out, tok, overwrite=overwrite, report=report)
     _finish(report, out, as_json)
 
 
+def _check_changed(report) -> None:
+    """Refuse to write a copy of the model that surgery left as it was."""
+    from gpconv.errors import GPConvError
+
+    if report.after.total == report.before.total:
+        dense = [m for m in report.modules if m.status != "replaced"]
+        why = f" (e.g. {dense[0].name}: {dense[0].reason})" if dense and dense[0].reason else ""
+        raise GPConvError(f"nothing to save: no layer was replaced and no layer removed{why}; "
+                          "lower --min-channels-per-group or change --targets")
+
+
 def _finish(report, out: Path, as_json: bool) -> None:
-    """The report beside the checkpoint (JSON + Markdown), and on the terminal."""
-    (out / "gpconv_report.json").write_text(report.to_json() + "\n")
-    (out / "gpconv_report.md").write_text(report.to_markdown())
+    """The report (also saved beside the checkpoint) on the terminal."""
     _emit(report, as_json, None)
     if not as_json:
         typer.echo(f"saved to {out}  (load: gpconv.from_pretrained({str(out)!r}))")

@@ -132,15 +132,17 @@ def layer_options(family: str, n_in: int, n_out: int, bias: bool, source: str, w
 
 @torch.no_grad()
 def best_split(n_in: int, n_out: int, bias: bool, source: str, weight: torch.Tensor, cov: torch.Tensor | None,
-               budget: int, min_channels_per_group: int, ridge: float = DEFAULT_RIDGE) -> Option:
+               budget: int, min_channels_per_group: int, ridge: float = DEFAULT_RIDGE, permute: bool = False) -> Option:
     """The least-error block of at most ``budget`` weight parameters among: low-rank, io, and
     grouped + low-rank hybrids (one per group count, the rest of the budget as rank).
 
     Hybrid errors are estimated low-rank first (it takes the head of the spectrum, the grouped
     part is fitted on what is left); :func:`gpconv.lowrank.init_lowrank_` then refines the winner
-    by alternating, which can only lower its error further.
+    by alternating, which can only lower its error further. With ``permute`` every grouped option
+    is also scored under :func:`gpconv.init.choose_permutation` (the order ``fit_layer`` would
+    build), and the permuted spec wins where it is better.
     """
-    from .init import fit_io_weight
+    from .init import choose_permutation, fit_io_weight
     from .layers import GroupedPointwiseBlock, io_dense
     from .lowrank import _whitener
 
@@ -163,14 +165,20 @@ def best_split(n_in: int, n_out: int, bias: bool, source: str, weight: torch.Ten
         p_io = 2 * n_in * n_out // g
         if p_io > budget:
             continue
-        idx = GroupedPointwiseBlock(n_in, n_out, g, device="meta").gather_index(w.device)
+        idx = GroupedPointwiseBlock(n_in, n_out, g, device="meta").gather_index("cpu")
+        orders = [(False, idx)]
+        if permute:
+            perm = choose_permutation(weight, g, cov).cpu()
+            orders.append((True, perm[idx]))  # block input x[..., perm]: slot s reads channel perm[s]
         r = (budget - p_io) // (n_in + n_out)
         resid = w - svd(r) if r >= 1 else w
-        gw = fit_io_weight(resid, g, idx, c, ridge)
-        spec = BlockSpec(n_in, n_out, "hybrid" if r >= 1 else "io", g, r if r >= 1 else 0, bias, source)
-        opt = Option(spec, p_io + r * (n_in + n_out), err_of(resid - io_dense(gw, idx, n_in)))
-        if best is None or opt.error < best.error:
-            best = opt
+        for permuted, order in orders:
+            order = order.to(w.device)
+            gw = fit_io_weight(resid, g, order, c, ridge)
+            spec = BlockSpec(n_in, n_out, "hybrid" if r >= 1 else "io", g, r if r >= 1 else 0, bias, source, permuted)
+            opt = Option(spec, p_io + r * (n_in + n_out), err_of(resid - io_dense(gw, order, n_in)))
+            if best is None or opt.error < best.error:
+                best = opt
     return best
 
 
@@ -258,9 +266,10 @@ def _hull(opts: list[Option]) -> list[Option]:
 
 
 # How far one layer's kept fraction may stray from the average the target implies. Summed
-# per-layer error alone is a poor guide at the extremes: on SmolLM2 an unbounded solver kept 93
-# of 210 layers dense and crushed the rest, and the model came out 4x worse than uniform SVD
-# at the same size (docs/quality.md). Within [1/2, 2] x the average it can still reallocate.
+# per-layer error alone is a poor guide at the extremes: during development on SmolLM2 an
+# unbounded solver kept many layers dense and crushed the rest, and the model came out worse
+# than uniform SVD at the same size (per-layer errors compound through depth; that run was not
+# kept). Within [1/2, 2] x the average it can still reallocate.
 SPREAD = 2.0
 
 

@@ -252,8 +252,15 @@ def _render_plain(msgs: list[dict], eos: str) -> list[tuple[str, bool]]:
 
 def _render_chat_template(msgs: list[dict], tokenizer) -> list[tuple[str, bool]]:
     """The tokenizer's own chat template; each assistant turn is the text its message adds."""
+    eos = tokenizer.eos_token or ""
+
     def render(upto, gen):
-        return tokenizer.apply_chat_template(msgs[:upto], tokenize=False, add_generation_prompt=gen)
+        text = tokenizer.apply_chat_template(msgs[:upto], tokenize=False, add_generation_prompt=gen)
+        # Templates such as Phi-3's close a finished conversation with end-of-text; a prefix that
+        # the conversation goes on from must not, or no later rendering would start with it.
+        if not gen and upto < len(msgs) and eos and text.endswith(eos):
+            text = text[: -len(eos)]
+        return text
 
     segs, done = [], ""
     for i, m in enumerate(msgs):

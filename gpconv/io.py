@@ -126,11 +126,14 @@ def save_pretrained(
     *,
     overwrite: bool = False,
     max_shard_size: str | int = "2GB",
+    report=None,
 ) -> Path:
     """Write ``model`` (shrunk or not) to ``out_dir`` atomically; returns the directory.
 
     transformers models become a normal checkpoint directory plus the plan and the generated
     modeling file; any other ``nn.Module`` becomes ``model.safetensors`` + ``gpconv.json``.
+    With ``report`` (the :class:`~gpconv.ShrinkReport` of the surgery) the directory also holds
+    ``gpconv_report.json`` and ``gpconv_report.md``, inside the same atomic write.
     """
     plan = current_plan(model)
     plan["gpconv_version"] = __version__
@@ -139,7 +142,18 @@ def save_pretrained(
             _save_hf(model, tmp, plan, tokenizer, max_shard_size)
         else:
             _save_module(model, tmp, plan)
+        if report is not None:
+            write_report(report, tmp)
     return Path(out_dir)
+
+
+REPORT_FILES = ("gpconv_report.json", "gpconv_report.md")
+
+
+def write_report(report, directory: Path) -> None:
+    """The surgery's report beside the checkpoint, as JSON and Markdown."""
+    (directory / REPORT_FILES[0]).write_text(report.to_json() + "\n")
+    (directory / REPORT_FILES[1]).write_text(report.to_markdown())
 
 
 def attach_plan(cfg, model: nn.Module, plan: dict, tmp: Path) -> None:

@@ -139,7 +139,11 @@ def smollm2_gguf_path() -> Path:
 
 
 def _quiet():
-    """Silence transformers' progress bars and advisory logs while loading."""
+    """Silence transformers' progress bars and advisory logs while loading, and the hub client's
+    retry warnings (an unreachable hub would otherwise print a line per retry before the one
+    error the caller reports)."""
+    import logging
+
     from transformers.utils import logging as hf_logging
 
     @contextlib.contextmanager
@@ -148,10 +152,14 @@ def _quiet():
         hf_logging.set_verbosity_error()
         bars = hf_logging.is_progress_bar_enabled()
         hf_logging.disable_progress_bar()
+        hub = logging.getLogger("huggingface_hub")
+        hub_level = hub.level
+        hub.setLevel(logging.ERROR)
         try:
             yield
         finally:
             hf_logging.set_verbosity(old)
+            hub.setLevel(hub_level)
             if bars:
                 hf_logging.enable_progress_bar()
 

@@ -93,9 +93,12 @@ class _Source:
         self._safe_open = safe_open
         self.where: dict[str, Path] = {}
         for f in _weight_files(path):
-            with safe_open(str(f), framework="pt", device="cpu") as fh:
-                for k in fh.keys():
-                    self.where[k] = f
+            try:
+                with safe_open(str(f), framework="pt", device="cpu") as fh:
+                    for k in fh.keys():
+                        self.where[k] = f
+            except Exception as e:  # SafetensorError, OSError: a truncated or foreign file
+                raise GPConvError(f"cannot read {f}: not a valid safetensors file ({str(e).strip() or type(e).__name__})") from None
 
     def get(self, key: str) -> torch.Tensor:
         # One open per tensor: the mapping goes away with the handle, so resident pages of a
@@ -209,18 +212,20 @@ def stream_shrink(
     max_shard_size: str | int = "2GB",
     model_name: str | None = None,
     progress=None,
+    check=None,
 ):
     """Shrink the checkpoint directory ``src`` into ``out`` without loading it (see module docs).
 
     ``config`` is a :class:`gpconv.GPConvConfig` (init ``random`` or ``project``); ``dtype``
-    None/"auto" keeps the checkpoint's. ``progress(i, n, name)`` is called per fitted layer.
+    None/"auto" keeps the checkpoint's. ``progress(i, n, name)`` is called per fitted layer;
+    ``check(report)`` sees the planned report before anything is written (and may raise).
     Returns the :class:`~gpconv.report.ShrinkReport` (counts from the planned model).
     """
     from transformers import AutoConfig, GenerationConfig
 
     from . import __version__
     from .init import fit_layer
-    from .io import _read_config, atomic_dir, attach_plan, check_output_dir
+    from .io import _read_config, atomic_dir, attach_plan, check_output_dir, write_report
     from .layers import BlockSpec, is_gpconv_module
     from .models import _quiet, build_meta, load_tokenizer
     from .surgery import PLAN_FORMAT, GPConvConfig, current_plan, shrink
@@ -248,6 +253,8 @@ def stream_shrink(
         if k in dense_shapes and source.shape(k) != dense_shapes[k]:
             raise GPConvError(f"{f.name}: {k!r} has shape {source.shape(k)}, the config implies {dense_shapes[k]}")
     report = shrink(model, cfg, model_name=model_name or str(src))
+    if check is not None:  # the caller's last word on the plan, before anything is written
+        check(report)
     plan = current_plan(model)["modules"]
 
     # keys to write, in the model's order; a tied duplicate (lm_head tied to the embeddings) is
@@ -326,10 +333,11 @@ def stream_shrink(
         if tok is not None:
             tok.save_pretrained(tmp)
 
-    for m in report.modules:
-        if m.name in errors and hasattr(m, "error"):
-            m.error = errors[m.name]
-            if final_plan[m.name].get("permuted") and "permuted" not in m.reason:
-                m.reason += ", permuted"  # as surgery reports a permuted block
+        for m in report.modules:
+            if m.name in errors and hasattr(m, "error"):
+                m.error = errors[m.name]
+                if final_plan[m.name].get("permuted") and "permuted" not in m.reason:
+                    m.reason += ", permuted"  # as surgery reports a permuted block
+        write_report(report, tmp)  # inside the atomic write, as save_pretrained(report=...) does
     return report
 

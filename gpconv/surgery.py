@@ -57,8 +57,7 @@ class GPConvConfig:
     ridge: float = DEFAULT_RIDGE
     """Strength of the fits' pull toward the dense weights, relative to the mean input energy
     (``lambda = ridge * mean(diag E[x x^T])``). Larger is closer to ``project`` and more robust
-    to inputs that drift from the calibration data; 0.1 measured best on SmolLM2 among 0.01,
-    0.1 and 1 (docs/quality.md)."""
+    to inputs that drift from the calibration data (docs/quality.md)."""
     permute: bool = False
     """io / hybrid: also try a channel order per layer that keeps correlated inputs in one group
     (stored as an index, free at run time); kept only where it lowers the measured error."""
@@ -496,7 +495,7 @@ def _split(p: _Planned, budget: int, cfg: GPConvConfig, stats, meta: bool, menu)
         return
     bias = getattr(p.module, "bias", None) is not None
     best = best_split(p.in_features, p.out_features, bias, p.source, _dense_weight(p.module, p.source),
-                      stats[p.name].fit if stats else None, budget, _mcpg(cfg, p.name), cfg.ridge)
+                      stats[p.name].fit if stats else None, budget, _mcpg(cfg, p.name), cfg.ridge, cfg.permute)
     if best is not None:
         p.spec = best.spec
 

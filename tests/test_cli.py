@@ -71,10 +71,15 @@ def test_dry_run_writes_nothing(tmp_path):
         (["shrink", "tiny-phi3"], "--out DIR is required"),
         (["report", "{tmp}"], "without config.json"),
         (["densify", "{tmp}/nothing", "--out", "{out}"], "no such model directory"),
+        (["shrink", "tiny-phi3", "--out", "{out}", "-m", "4096"], "nothing to save: no layer was replaced"),
+        (["shrink", "{tmp}/corrupt", "--out", "{out}", "--init", "project"], "not a valid safetensors file"),
     ],
 )
 def test_user_errors_are_one_line_exit_2_nothing_written(tmp_path, args, message):
     out = tmp_path / "out"
+    corrupt = tmp_path / "corrupt"  # a valid config beside a truncated weights file
+    phi3_mini_config(num_hidden_layers=1).save_pretrained(corrupt)
+    (corrupt / "model.safetensors").write_bytes(b"\x08\x00")
     args = [a.format(out=out, tmp=tmp_path) for a in args]
     r = run(*args)
     assert r.exit_code == 2, r.output
@@ -96,8 +101,10 @@ def test_existing_output_refused_before_any_work(tmp_path):
 
 
 def test_help_has_examples():
-    r = run("shrink", "--help")
-    assert r.exit_code == 0 and "gpconv shrink tiny-phi3" in r.output
+    for args in ([], ["shrink"], ["report"], ["densify"], ["bench"], ["run"]):
+        r = run(*args, "--help")
+        assert r.exit_code == 0 and "Example" in r.output, args
+    assert "gpconv shrink tiny-phi3" in run("shrink", "--help").output
 
 
 def test_console_script_installed(tmp_path):

@@ -154,6 +154,24 @@ def test_response_only_mask_chat_template_and_plain(tok):
     assert tok.decode([i for i, c in zip(ids, counted) if c]) == "yo\n\nsure<|endoftext|>"
 
 
+# The shape of Phi-3-mini-4k-instruct's template: end-of-text closes a finished conversation.
+PHI3_STYLE_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% else %}{{ eos_token }}{% endif %}"
+)
+
+
+def test_chat_template_that_ends_conversations_with_eos():
+    tok = byte_tokenizer()
+    tok.chat_template = PHI3_STYLE_TEMPLATE
+    rec = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+                        {"role": "user", "content": "again"}, {"role": "assistant", "content": "sure"}]}
+    ids, counted = tokenize(rec, tok, "chat-template", response_only=True)
+    assert tok.decode(ids) == tok.apply_chat_template(rec["messages"], tokenize=False)
+    assert tok.decode(ids).count("<|endoftext|>") == 1  # only the finished conversation's
+    assert tok.decode([i for i, c in zip(ids, counted) if c]) == "yo<|end|>sure<|end|><|endoftext|>"
+
+
 def test_streaming_local_file(tmp_path, tok):
     f = _jsonl(tmp_path / "d.jsonl", _qa(30))
     train, val = build_datasets(str(f), tok, block_size=32, val_size=5, streaming=True, seed=0)
@@ -188,3 +206,52 @@ def test_streamed_text_file_matches_in_memory(tmp_path, tok):
         return sorted(p for p in tok.decode(ids).replace("<|pad|>", "").split("\n\n") if p)
 
     assert paragraphs(s_ids) == paragraphs(mem.input_ids.flatten()) and len(paragraphs(s_ids)) == 12
+
+
+# -- hub shortcuts (no network: datasets.load_dataset is replaced by a recorder) -------------------
+
+HUB_ROWS = {
+    "MBZUAI/LaMini-instruction": [{"instruction": f"q{i}", "response": f"a{i}", "instruction_source": "alpaca"}
+                                  for i in range(40)],
+    "databricks/databricks-dolly-15k": [{"instruction": f"q{i}", "context": f"c{i}", "response": f"a{i}",
+                                         "category": "open_qa"} for i in range(40)],
+    "Salesforce/wikitext": [{"text": f" = Heading {i} = \n"} for i in range(40)],
+}
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    import datasets
+
+    calls = []
+
+    def load_dataset(path, name=None, split=None, streaming=False, **kw):
+        calls.append((path, name, split, streaming))
+        ds = datasets.Dataset.from_list(HUB_ROWS[path])
+        return ds.to_iterable_dataset() if streaming else ds
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return calls
+
+
+@pytest.mark.parametrize(
+    "alias, call, schema, streamed",
+    [
+        ("lamini", ("MBZUAI/LaMini-instruction", None, "train", True), "lamini", True),
+        ("dolly", ("databricks/databricks-dolly-15k", None, "train", False), "dolly", False),
+        ("wikitext2", ("Salesforce/wikitext", "wikitext-2-raw-v1", "train", False), "text", False),
+    ],
+)
+def test_hub_aliases(fake_hub, tok, alias, call, schema, streamed):
+    rows = load_rows(alias)
+    assert fake_hub == [call]
+    assert rows.schema == schema and rows.streaming == streamed
+    train, val = build_datasets(rows, tok, block_size=32, val_size=4, seed=0)
+    text = tok.decode(val.input_ids.flatten())
+    if alias == "dolly":  # the context joins the instruction after a blank line
+        assert "<|user|>q" in text and "\n\nc" in text and "<|assistant|>a" in text
+    elif alias == "lamini":  # streams hold out their first rows
+        assert "<|user|>q0<|end|><|assistant|>a0<|end|>" in text
+    else:
+        assert "Heading" in text and "<|user|>" not in text
+    assert load_rows(alias, split="validation") is not None and fake_hub[-1][2] == "validation"

@@ -64,6 +64,20 @@ def test_permutation_finds_hidden_block_structure_and_is_kept_only_when_better()
     assert relative_error(w2, m2.to_dense()) <= e_plain + 1e-12
 
 
+def test_split_finds_block_structure_hidden_by_a_channel_shuffle():
+    torch.manual_seed(0)
+    n, g = 64, 8
+    w = torch.block_diag(*[torch.randn(8, 8) for _ in range(g)]) + 0.01 * torch.randn(n, n)
+    w = w[:, torch.randperm(n)]  # block-diagonal up to the order of the input channels
+    plain = best_split(n, n, False, "linear", w, None, 2 * n * n // g, 8)
+    permuted = best_split(n, n, False, "linear", w, None, 2 * n * n // g, 8, permute=True)
+    assert plain.params <= 2 * n * n // g and permuted.params <= 2 * n * n // g
+    assert permuted.spec.permuted and permuted.spec.variant == "io"
+    assert permuted.error < 0.01 < plain.error  # the permutation recovers the groups; without it low-rank wins
+    m, err = fit_layer(permuted.spec, w, None, "project", None, permute=True)  # the block fit_layer builds agrees
+    assert m.spec.permuted and err**2 == pytest.approx(permuted.error, rel=1e-3, abs=1e-6)
+
+
 def test_hybrid_split_is_never_worse_than_lowrank_of_the_same_size():
     torch.manual_seed(1)
     u, v = torch.randn(128, 8), torch.randn(8, 128)

@@ -107,6 +107,10 @@ def test_checks_come_before_loading_models(setup, tmp_path):
     assert r.exit_code == 2 and "not empty" in r.output
     r = run("distill", "does-not-matter", "--teacher", "nor-this", "--data", setup / "odd.jsonl", "--out", tmp_path / "new")
     assert r.exit_code == 2 and "fit none" in r.output
+    # a stream has no length: without --max-steps it is refused before any model loads
+    r = run("distill", "does-not-matter", "--teacher", "nor-this", "--data", setup / "data.json", "--streaming",
+            "--out", tmp_path / "new")
+    assert r.exit_code == 2 and "--max-steps" in r.output and not (tmp_path / "new").exists()
 
 
 def test_help_has_examples():

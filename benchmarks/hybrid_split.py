@@ -1,0 +1,99 @@
+"""How should one layer's parameter budget be split between a grouped and a low-rank part?
+
+    OMP_NUM_THREADS=1 python benchmarks/hybrid_split.py --fractions 0.5 0.25 --json out.json
+
+For a few layers of a pretrained model (SmolLM2-135M-Instruct from the offline GGUF by default)
+and a budget of ``fraction`` x the layer's dense parameters, it fits every way of spending that
+budget that gpconv offers: all low-rank (whitened SVD), all grouped (one io block), and grouped
++ low-rank hybrids (an io block with g groups, the rest of the budget as rank), each with the
+``fit`` init on the same calibration statistics (hybrids fitted by alternating the two parts),
+optionally with the channel permutation too. It prints each option's relative output error
+``sqrt(E||(W - A) x||^2 / E||W x||^2)`` on held-out calibration tokens.
+
+This is the measurement behind the hybrid's per-layer split (``gpconv.budget.best_split``) and
+docs/quality.md. Data: Alpaca rows from ``../shared/data`` (read by the script, not the tests).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import gpconv
+from gpconv import BlockSpec
+from gpconv.budget import _group_choices
+from gpconv.calibrate import Calibration, collect_stats
+from gpconv.data import Rows, build_datasets, load_rows
+from gpconv.init import fit_layer
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+LAYERS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
+
+
+def options(n_in: int, n_out: int, budget: int, min_channels_per_group: int) -> dict[str, BlockSpec]:
+    """Every block of at most ``budget`` weights: all low-rank, all io, and io + low-rank."""
+    out = {}
+    r_max = budget // (n_in + n_out)
+    if r_max >= 1:
+        out["lowrank"] = BlockSpec(n_in, n_out, "lowrank", 1, r_max, False, "linear")
+    for g in _group_choices(n_in, n_out, min_channels_per_group):
+        p_io = 2 * n_in * n_out // g
+        if p_io > budget:
+            continue
+        r = (budget - p_io) // (n_in + n_out)
+        variant = "hybrid" if r >= 1 else "io"
+        out[f"g{g}+r{r}" if r else f"io g{g}"] = BlockSpec(n_in, n_out, variant, g, r, False, "linear")
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m-instruct")
+    ap.add_argument("--data", default=str(SHARED / "alpaca_5000_subset.json"))
+    ap.add_argument("--layers", type=int, nargs="+", default=[3, 15, 27], help="decoder layer indices")
+    ap.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.25])
+    ap.add_argument("--calib-blocks", type=int, default=48, help="blocks of --block-size tokens; a quarter held out")
+    ap.add_argument("--block-size", type=int, default=128)
+    ap.add_argument("--min-channels-per-group", type=int, default=8, help="smallest group allowed")
+    ap.add_argument("--ridge", type=float, default=0.1)
+    ap.add_argument("--permute", action="store_true", help="also try the channel permutation for grouped options")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    t0 = time.time()
+    model, tok = gpconv.load_model(args.model)
+    rows = load_rows(args.data)
+    calib, _ = build_datasets(Rows(rows.rows[:1000], rows.schema, rows.name), tok, format="chat-template",
+                              block_size=args.block_size, val_size=0)
+    ids = calib.input_ids[: args.calib_blocks]
+    names = [f"model.layers.{i}.{n}" for i in args.layers for n in LAYERS]
+    stats = collect_stats(model, Calibration([ids[i:i + 4] for i in range(0, len(ids), 4)]), names)
+
+    results = []
+    for name in names:
+        w = model.get_submodule(name).weight.detach()
+        n_out, n_in = w.shape
+        for fraction in args.fractions:
+            errs = {}
+            for label, spec in options(n_in, n_out, int(fraction * n_in * n_out), args.min_channels_per_group).items():
+                errs[label] = fit_layer(spec, w, None, "fit", stats[name], args.ridge, permute=args.permute)[1]
+            best = min(errs, key=errs.get)
+            results.append({"layer": name, "fraction": fraction, "best": best, "errors": errs})
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in errs.items())
+            print(f"{name} @ {fraction}: best {best} | {shown}", flush=True)
+    meta = {"command": "python " + " ".join(sys.argv), "model": args.model, "machine": platform.machine(),
+            "torch": torch.__version__, "wall_s": time.time() - t0}
+    print(f"{meta['wall_s']:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
