@@ -136,6 +136,9 @@ def main():
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--block-size", type=int, default=256)
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--seed", type=int, default=0, help="training seed: the order of the recovery batches")
+    ap.add_argument("--train-all", action="store_true",
+                    help="every method trains all weights (default: only the new blocks where a method adds some)")
     ap.add_argument("--eval-every", type=int, default=30)
     ap.add_argument("--eval-blocks", type=int, default=16)
     ap.add_argument("--calib-blocks", type=int, default=32)
@@ -173,6 +176,7 @@ def main():
             key = f"{method}@{fraction}"
             t0 = time.time()
             student, report, mode = build_student(method, teacher, fraction, calib_batches, args.ridge)
+            mode = "all" if args.train_all else mode
             surgery_s = time.time() - t0
             after = perplexities(student, sets)
             curve = [{"step": 0, "tokens": 0, **after}]
@@ -185,7 +189,7 @@ def main():
                     print(f"  {key} step {step}: {curve[-1]}", flush=True)
 
             cfg = gpconv.TrainConfig(max_steps=max(args.steps, 1), batch_size=args.batch_size, lr=args.lr, train=mode,
-                                     warmup_ratio=0.05, save_every=0, progress=False, seed=0)
+                                     warmup_ratio=0.05, save_every=0, progress=False, seed=args.seed)
             t1 = time.time()
             if args.steps > 0:  # --steps 0 measures surgery alone
                 gpconv.distill(student, teacher, train, cfg, callbacks=[every])
