@@ -16,6 +16,16 @@ def _isolated(tmp_path, monkeypatch):
     yield
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny matmuls: one thread is fastest and keeps a shared 2-core machine responsive.
+    Modules that train use it for every test: ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def smollm2_available() -> bool:
     import importlib.util
 

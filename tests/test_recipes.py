@@ -4,7 +4,6 @@ and mistakes behave, and the runner goes end to end on a tiny model with data ma
 import json
 
 import pytest
-import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -28,12 +27,7 @@ TINY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 
 
 @pytest.fixture
