@@ -84,16 +84,11 @@ def layer_options(family: str, n_in: int, n_out: int, bias: bool, source: str, w
     """
     from .init import fit_grouped_weight, fit_io_weight
     from .layers import GroupedPointwiseBlock, io_dense
-    from .lowrank import _whitener
 
     dense = n_in * n_out
     if weight is None:  # meta device: no weights to measure; a size-only proxy keeps choices even
         return _size_only_options(family, n_in, n_out, bias, source, min_channels_per_group)
-    w = weight.detach().to(torch.float64)
-    c = None if cov is None else cov.to(torch.float64)
-    wh = _whitener(c, n_in, ridge, w.device)
-    total = float(w.square().sum()) if c is None else float(((w @ c) * w).sum())
-    total = max(total, 1e-30)
+    w, c, wh, total, err_of = _error_metric(weight, cov, ridge)
     opts = [Option(None, dense, 0.0)]
 
     def tail_errors(m: torch.Tensor) -> torch.Tensor:
@@ -102,9 +97,6 @@ def layer_options(family: str, n_in: int, n_out: int, bias: bool, source: str, w
         s2 = torch.linalg.svdvals(mw).square()
         tails = torch.cat([s2.flip(0).cumsum(0).flip(0), s2.new_zeros(1)])  # tails[r] = sum_{i>=r} s_i^2
         return tails / total
-
-    def err_of(d: torch.Tensor) -> float:
-        return float(d.square().sum() / total) if c is None else float(((d @ c) * d).sum() / total)
 
     groups = _group_choices(n_in, n_out, min_channels_per_group)
     if family in ("lowrank", "hybrid"):
@@ -144,17 +136,8 @@ def best_split(n_in: int, n_out: int, bias: bool, source: str, weight: torch.Ten
     """
     from .init import choose_permutation, fit_io_weight
     from .layers import GroupedPointwiseBlock, io_dense
-    from .lowrank import _whitener
 
-    w = weight.detach().to(torch.float64)
-    c = None if cov is None else cov.to(torch.float64)
-    wh = _whitener(c, n_in, ridge, w.device)
-    total = float(w.square().sum()) if c is None else float(((w @ c) * w).sum())
-    total = max(total, 1e-30)
-
-    def err_of(d):
-        return float(d.square().sum() / total) if c is None else float(((d @ c) * d).sum() / total)
-
+    w, c, wh, _, err_of = _error_metric(weight, cov, ridge)
     svd = _whitened_factors(w, wh)
     best = None
     r_max = budget // (n_in + n_out)
@@ -180,6 +163,23 @@ def best_split(n_in: int, n_out: int, bias: bool, source: str, weight: torch.Ten
             if best is None or opt.error < best.error:
                 best = opt
     return best
+
+
+def _error_metric(weight: torch.Tensor, cov: torch.Tensor | None, ridge: float):
+    """``(w, c, wh, total, err_of)`` in float64: the weight, the input second moment, its whitener,
+    ``tr(W C W^T)`` and ``err_of(D) = tr(D C D^T) / tr(W C W^T)`` (Frobenius when ``cov`` is None)."""
+    from .lowrank import _whitener
+
+    w = weight.detach().to(torch.float64)
+    c = None if cov is None else cov.to(torch.float64)
+    wh = _whitener(c, w.shape[1], ridge, w.device)
+    total = float(w.square().sum()) if c is None else float(((w @ c) * w).sum())
+    total = max(total, 1e-30)
+
+    def err_of(d: torch.Tensor) -> float:
+        return float(d.square().sum() / total) if c is None else float(((d @ c) * d).sum() / total)
+
+    return w, c, wh, total, err_of
 
 
 def _whitened_factors(w: torch.Tensor, wh):

@@ -446,6 +446,11 @@ def _allocate(model, cfg: GPConvConfig, fresh: list[_Planned], planned, stats, b
     from .budget import bounded, layer_options, parse_target, solve
 
     family = cfg.variant
+    if cfg.target_params is None:  # hybrid split within the io block's budget: no menus needed
+        for p in fresh:
+            if p.spec is not None:
+                _split(p, _kept(p), cfg, stats, meta)
+        return None
     by_role = meta or cfg.init == "random"  # no per-layer signal: same choice for same-role layers
     menus = {}
     for p in fresh:
@@ -454,11 +459,6 @@ def _allocate(model, cfg: GPConvConfig, fresh: list[_Planned], planned, stats, b
         bias = getattr(p.module, "bias", None) is not None
         menus[p.name] = layer_options(family, p.in_features, p.out_features, bias, p.source, w, cov,
                                       _mcpg(cfg, p.name), cfg.ridge)
-    if cfg.target_params is None:  # hybrid split within the io block's budget
-        for p in fresh:
-            if p.spec is not None:
-                _split(p, _kept(p), cfg, stats, meta, menus[p.name])
-        return None
     fixed = count_parameters(model).non_embedding - sum(p.in_features * p.out_features for p in fresh)
     target = parse_target(cfg.target_params, before.non_embedding)
     if by_role:
@@ -480,20 +480,21 @@ def _allocate(model, cfg: GPConvConfig, fresh: list[_Planned], planned, stats, b
         else:
             p.status, p.reason = "replaced", ""
             if family == "hybrid":  # the solver gave this layer a budget: split it by error
-                _split(p, opt.params, cfg, stats, meta, menus[p.name])
+                _split(p, opt.params, cfg, stats, meta)
     return target
 
 
-def _split(p: _Planned, budget: int, cfg: GPConvConfig, stats, meta: bool, menu) -> None:
+def _split(p: _Planned, budget: int, cfg: GPConvConfig, stats, meta: bool) -> None:
     """Set ``p.spec`` to the least-error grouped / low-rank / hybrid block within ``budget``."""
-    from .budget import best_split
+    from .budget import best_split, layer_options
 
-    if meta:  # no weights: the largest pure option that fits
+    bias = getattr(p.module, "bias", None) is not None
+    if meta:  # no weights: the largest pure option that fits (the size-only menu)
+        menu = layer_options("hybrid", p.in_features, p.out_features, bias, p.source, None, None, _mcpg(cfg, p.name))
         fits = [o for o in menu if o.spec is not None and o.params <= budget]
         if fits:
             p.spec = max(fits, key=lambda o: (o.params, -o.error)).spec
         return
-    bias = getattr(p.module, "bias", None) is not None
     best = best_split(p.in_features, p.out_features, bias, p.source, _dense_weight(p.module, p.source),
                       stats[p.name].fit if stats else None, budget, _mcpg(cfg, p.name), cfg.ridge, cfg.permute)
     if best is not None:
