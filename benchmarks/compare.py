@@ -15,7 +15,7 @@ Methods (``--methods``):
   fit      the same block, fitted on calibration data, layer by layer on the shrunk prefix,
            matching the dense model's outputs (sequential, corrected)
   hybrid   every layer gets the io block's budget, split between a grouped and a low-rank part
-           by measured error (all grouped, all low-rank, or a mix), fitted as `fit`
+           by held-out error (all grouped, all low-rank, or a mix), fitted as `fit`
   hybrid-permute  as hybrid, with grouped options also tried under gpconv's channel permutation
   hybrid-fixed  every layer: an io block with 64 groups (2/64 of the layer) plus low-rank for the
            rest of the budget, fitted as `fit` (a grouped share the error-based split would not pick)
@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import platform
 import sys
 import time
@@ -175,6 +174,7 @@ def main():
         for method in args.methods:
             key = f"{method}@{fraction}"
             t0 = time.time()
+            torch.manual_seed(0)  # `random` draws its init here: the same draws whatever ran before
             student, report, mode = build_student(method, teacher, fraction, calib_batches, args.ridge)
             mode = "all" if args.train_all else mode
             surgery_s = time.time() - t0

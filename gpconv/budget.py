@@ -75,7 +75,8 @@ def _group_choices(n_in: int, n_out: int, min_channels_per_group: int) -> list[i
 
 @torch.no_grad()
 def layer_options(family: str, n_in: int, n_out: int, bias: bool, source: str, weight: torch.Tensor,
-                  cov: torch.Tensor | None, min_channels_per_group: int, ridge: float = DEFAULT_RIDGE) -> list[Option]:
+                  cov: torch.Tensor | None, min_channels_per_group: int, ridge: float = DEFAULT_RIDGE,
+                  cov_eval: torch.Tensor | None = None) -> list[Option]:
     """The menu of one layer for ``family`` in {'io', 'chained', 'lowrank', 'hybrid'}.
 
     For 'hybrid' the menu holds the pure options (low-rank ranks and io blocks); the solver
@@ -89,6 +90,8 @@ def layer_options(family: str, n_in: int, n_out: int, bias: bool, source: str, w
     if weight is None:  # meta device: no weights to measure; a size-only proxy keeps choices even
         return _size_only_options(family, n_in, n_out, bias, source, min_channels_per_group)
     w, c, wh, total, err_of = _error_metric(weight, cov, ridge)
+    if cov_eval is not None:  # fitted on cov, scored on held-out tokens (see best_split)
+        err_of = _error_metric(weight, cov_eval, ridge, whiten=False)[4]
     opts = [Option(None, dense, 0.0)]
 
     def tail_errors(m: torch.Tensor) -> torch.Tensor:
@@ -100,12 +103,15 @@ def layer_options(family: str, n_in: int, n_out: int, bias: bool, source: str, w
 
     groups = _group_choices(n_in, n_out, min_channels_per_group)
     if family in ("lowrank", "hybrid"):
-        tails = tail_errors(w)
-        for f in LEVELS:
-            r = int(f * dense // (n_in + n_out))
-            if r >= 1:
-                opts.append(Option(BlockSpec(n_in, n_out, "lowrank", 1, r, bias, source), r * (n_in + n_out),
-                                   float(tails[min(r, len(tails) - 1)])))
+        ranks = [r for r in (int(f * dense // (n_in + n_out)) for f in LEVELS) if r >= 1]
+        if cov_eval is None:  # in-sample: every rank's error from one set of singular values
+            tails = tail_errors(w)
+            errs = [float(tails[min(r, len(tails) - 1)]) for r in ranks]
+        else:
+            svd = _whitened_factors(w, wh)
+            errs = [err_of(w - svd(r)) for r in ranks]
+        for r, e in zip(ranks, errs):
+            opts.append(Option(BlockSpec(n_in, n_out, "lowrank", 1, r, bias, source), r * (n_in + n_out), e))
     for g in groups:
         if family in ("io", "hybrid"):
             probe = GroupedPointwiseBlock(n_in, n_out, g, device="meta")
@@ -124,7 +130,8 @@ def layer_options(family: str, n_in: int, n_out: int, bias: bool, source: str, w
 
 @torch.no_grad()
 def best_split(n_in: int, n_out: int, bias: bool, source: str, weight: torch.Tensor, cov: torch.Tensor | None,
-               budget: int, min_channels_per_group: int, ridge: float = DEFAULT_RIDGE, permute: bool = False) -> Option:
+               budget: int, min_channels_per_group: int, ridge: float = DEFAULT_RIDGE, permute: bool = False,
+               cov_eval: torch.Tensor | None = None) -> Option:
     """The least-error block of at most ``budget`` weight parameters among: low-rank, io, and
     grouped + low-rank hybrids (one per group count, the rest of the budget as rank).
 
@@ -133,11 +140,18 @@ def best_split(n_in: int, n_out: int, bias: bool, source: str, weight: torch.Ten
     by alternating, which can only lower its error further. With ``permute`` every grouped option
     is also scored under :func:`gpconv.init.choose_permutation` (the order ``fit_layer`` would
     build), and the permuted spec wins where it is better.
+
+    Every option is fitted on ``cov`` and scored on ``cov_eval`` (held-out tokens) when given.
+    Scoring on the fitting tokens favours the grouped options: their least-squares fit of
+    ``2*in/g`` inputs per group to the very tokens it is scored on has more room to overfit than
+    the SVD's subspace (docs/quality.md measures the difference).
     """
     from .init import choose_permutation, fit_io_weight
     from .layers import GroupedPointwiseBlock, io_dense
 
     w, c, wh, _, err_of = _error_metric(weight, cov, ridge)
+    if cov_eval is not None:
+        err_of = _error_metric(weight, cov_eval, ridge, whiten=False)[4]
     svd = _whitened_factors(w, wh)
     best = None
     r_max = budget // (n_in + n_out)
@@ -165,14 +179,15 @@ def best_split(n_in: int, n_out: int, bias: bool, source: str, weight: torch.Ten
     return best
 
 
-def _error_metric(weight: torch.Tensor, cov: torch.Tensor | None, ridge: float):
-    """``(w, c, wh, total, err_of)`` in float64: the weight, the input second moment, its whitener,
-    ``tr(W C W^T)`` and ``err_of(D) = tr(D C D^T) / tr(W C W^T)`` (Frobenius when ``cov`` is None)."""
+def _error_metric(weight: torch.Tensor, cov: torch.Tensor | None, ridge: float, whiten: bool = True):
+    """``(w, c, wh, total, err_of)`` in float64: the weight, the input second moment, its whitener
+    (None unless ``whiten``), ``tr(W C W^T)`` and ``err_of(D) = tr(D C D^T) / tr(W C W^T)``
+    (Frobenius when ``cov`` is None)."""
     from .lowrank import _whitener
 
     w = weight.detach().to(torch.float64)
     c = None if cov is None else cov.to(torch.float64)
-    wh = _whitener(c, w.shape[1], ridge, w.device)
+    wh = _whitener(c, w.shape[1], ridge, w.device) if whiten else None
     total = float(w.square().sum()) if c is None else float(((w @ c) * w).sum())
     total = max(total, 1e-30)
 
@@ -235,7 +250,7 @@ def option_errors(spec: BlockSpec, weight: torch.Tensor, stats, min_channels_per
         out["lowrank"] = fit_layer(BlockSpec(n_in, n_out, "lowrank", 1, r, False, spec.source), weight, None, init,
                                    stats, ridge)[1]
     best = best_split(n_in, n_out, False, spec.source, weight, None if stats is None else stats.fit, size,
-                      min_channels_per_group, ridge)
+                      min_channels_per_group, ridge, cov_eval=None if stats is None else stats.held_out)
     if best is not None:
         out["hybrid"] = fit_layer(best.spec, weight, None, init, stats, ridge)[1]
     return out

@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .grouping import interleave, interleave_index
 
@@ -341,26 +342,25 @@ def io_dense(weight: torch.Tensor, gather_index: torch.Tensor, in_features: int)
 #
 # Two CPU paths, chosen by the token count N (measurements in docs/speed.md):
 #
-# * N >= CONV_MIN_TOKENS: a grouped 1x1 convolution (oneDNN). x (N, in) row-major *is* a
-#   channels-last (1, in, N, 1) image, so the conv reads it with no copy and writes its output
-#   straight in the (N, out) layout - no output transpose - with the bias fused in. The whole
-#   grouped GEMM is ONE primitive: one parallel region instead of one per group, which is what
-#   keeps it fast when the machine's cores are shared (bmm into a strided output loops over the
-#   groups with a multithreaded GEMM each, and every step can wait for a descheduled thread:
-#   3-20x slower under load). The io block's interleaved operand costs one copy of x: the conv
-#   runs over [own | interleaved] per group (K = 2c, one primitive) when in <= out. When
-#   in > out (down_proj) batched GEMMs with a contiguous result measured faster (see _io_many).
-#   Backward is autograd's (oneDNN's conv backward, MKL's batched GEMMs).
+# * N >= CONV_MIN_TOKENS, the io block: two batched GEMMs (MKL), one per half. The own half
+#   reads x in place through the (g, N, c) view; the interleaved half costs one copy of x (a
+#   reused buffer at inference; kept for backward in training). Single-threaded the GEMMs
+#   write straight into the (N, out) result through a strided view; with several threads they
+#   write a contiguous (g, N, oc) result plus one transposing copy, because bmm into a strided
+#   output runs one multithreaded GEMM per group and each waits on every thread (3-20x slower
+#   on a loaded machine). Training uses _IOBlockCPU's hand-written backward: four more batched
+#   GEMMs through strided views and one un-interleaving add, instead of autograd's scatter and
+#   transposing copies (forward+backward time/param on the Xeon VM: down_proj 3.30 -> 2.51,
+#   o_proj 1.86 -> 1.43; docs/speed.md).
+#   oneDNN's grouped 1x1 convolution, the previous path, re-packed its weight on every call and
+#   measured slower on every Phi-3 shape; it remains for GroupedLinear (K = c: x (N, in)
+#   row-major *is* a channels-last (1, in, N, 1) image, so it needs no copy at all) and for the
+#   plain-ops route that torch.compile, autocast and other devices take.
 # * small N (decode): index_select through the cached gather index + one bmm + a transpose -
 #   three ops, the fewest fixed costs for a 1-token step.
-#
-# A hand-written autograd.Function (bmm writing through strided views: no output copy, an
-# index_add-free backward) matched the conv path single-threaded, within this shared machine's
-# noise, but collapsed under CPU contention for the reason above, so it was dropped: everything
-# here is plain differentiable ops (autograd and torch.compile see through all of it).
 
 CONV_MIN_TOKENS = 128
-"""CPU: from this many tokens on, the grouped convolution path; below it, gather + bmm."""
+"""CPU: from this many tokens on, the many-token paths (batched GEMMs / grouped conv); below it, gather + bmm."""
 
 
 def _as_image(x: torch.Tensor) -> torch.Tensor:
@@ -406,43 +406,117 @@ def clear_scratch() -> None:
     _SCRATCH.__dict__.pop("bufs", None)
 
 
+def _needs_grad(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
+    return torch.is_grad_enabled() and (
+        x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    )
+
+
+def _strided_out() -> bool:
+    """Let ``bmm`` write straight into the (N, g, oc) layout of the result (no transposing copy)?
+
+    Only single-threaded: ``bmm`` into a non-contiguous output runs one GEMM per group, and with
+    several threads each of those GEMMs waits on every thread - on a loaded machine that
+    collapsed by 3-20x. A contiguous (g, N, oc) result keeps MKL's one-call batched path and
+    costs one copy of the output instead (docs/speed.md).
+    """
+    return torch.get_num_threads() == 1
+
+
+def _io_bmm(x: torch.Tensor, weight: torch.Tensor, bias, xi: torch.Tensor) -> torch.Tensor:
+    """io block as two batched GEMMs: x (N, in) contiguous, xi (N, g, c) its interleaved copy."""
+    n, i = x.shape
+    g, oc, _ = weight.shape
+    c = i // g
+    own = x.view(n, g, c).transpose(0, 1)  # (N, in) -> (N, g, c) -> (g, N, c): read in place
+    w_own, w_mixed = weight[:, :, :c].transpose(1, 2), weight[:, :, c:].transpose(1, 2)  # (g, c, oc) each
+    if _strided_out():
+        y = x.new_empty(n, g * oc)
+        yg = y.view(n, g, oc).transpose(0, 1)  # (N, out) -> (g, N, oc), a view: GEMMs write y itself
+        torch.bmm(own, w_own, out=yg)
+        yg.baddbmm_(xi.transpose(0, 1), w_mixed)  # += (g, N, c) @ (g, c, oc)
+    else:
+        yg = torch.bmm(own, w_own)  # (g, N, oc), contiguous
+        yg.baddbmm_(xi.transpose(0, 1), w_mixed)
+        y = yg.transpose(0, 1).reshape(n, g * oc)  # (g, N, oc) -> (N, g, oc) -> (N, out), one copy
+    return y if bias is None else y.add_(bias)
+
+
+class _IOBlockCPU(torch.autograd.Function):
+    """The io block with a hand-written backward (CPU, many tokens, training).
+
+    Autograd's backward of the same forward ops costs a scatter for the interleaved copy and
+    transposing copies of GEMM operands; here every gradient is one batched GEMM reading its
+    operands through strided views:
+
+        dW[:, :, :c] = dY^T @ x_own        dW[:, :, c:] = dY^T @ x_interleaved
+        dx_own       = dY @ W_own          dx          += un-interleave(dY @ W_mixed)
+
+    where dY is the (g, N, oc) view of the (N, out) gradient. Saved: x and its interleaved copy.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        n, i = x.shape
+        g = weight.shape[0]
+        c = i // g
+        xi = x.view(n, c, g).transpose(1, 2).contiguous()  # (N, in) -> (N, c, g) -> (N, g, c): interleave
+        ctx.save_for_backward(x, xi, weight)
+        ctx.has_bias = bias is not None
+        return _io_bmm(x, weight, bias, xi)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        x, xi, weight = ctx.saved_tensors
+        n, i = x.shape
+        g, oc, k = weight.shape
+        c = i // g
+        strided = _strided_out()
+        dyg = dy.contiguous().view(n, g, oc).transpose(0, 1)  # (N, out) -> (g, N, oc), a view
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            if strided:
+                dx = torch.empty_like(x)
+                torch.bmm(dyg, weight[:, :, :c], out=dx.view(n, g, c).transpose(0, 1))  # written as (N, g, c)
+            else:
+                dx = torch.bmm(dyg, weight[:, :, :c]).transpose(0, 1).reshape(n, i)  # (g, N, c) -> (N, in)
+            d_mixed = torch.bmm(dyg, weight[:, :, c:])  # (g, N, oc) @ (g, oc, c) -> (g, N, c)
+            dx.view(n, c, g).add_(d_mixed.permute(1, 2, 0))  # un-interleave: (g, N, c) -> (N, c, g)
+        if ctx.needs_input_grad[1]:
+            dyt = dyg.transpose(1, 2)  # (g, oc, N)
+            own = x.view(n, g, c).transpose(0, 1)  # (g, N, c)
+            if strided:
+                dw = weight.new_empty(g, oc, k)
+                torch.bmm(dyt, own, out=dw[:, :, :c])
+                torch.bmm(dyt, xi.transpose(0, 1), out=dw[:, :, c:])
+            else:  # small: (g, oc, 2c) is the size of the weight
+                dw = torch.cat([torch.bmm(dyt, own), torch.bmm(dyt, xi.transpose(0, 1))], dim=2)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            db = dy.sum(0)
+        return dx, dw, db
+
+
 def _io_many(x: torch.Tensor, weight: torch.Tensor, bias, groups: int) -> torch.Tensor:
     """io block for many tokens (see the notes above); ``x`` (N, in) already in the block's channel order."""
     n, i = x.shape
     g, oc, k = weight.shape
     c = i // g
-    own = x.view(n, g, c)  # (N, in) -> (N, g, c), no copy
     mixed = x.view(n, c, g).transpose(1, 2)  # (N, in) -> (N, c, g) -> (N, g, c): the interleaved groups, strided
-    # the copy below is only a conv input: when autograd will not keep it, write it into a reused buffer
-    reuse = x.device.type == "cpu" and not torch.compiler.is_compiling() and not (
-        torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))
-    )
+    eager_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
+    if eager_cpu and _needs_grad(x, weight, bias):
+        return _IOBlockCPU.apply(x, weight, bias)
+    if eager_cpu:  # inference: the interleaved copy goes into a reused buffer (nothing keeps it)
+        return _io_bmm(x, weight, bias, _scratch((n, g, c), x).copy_(mixed))
+    # plain differentiable ops, for torch.compile, autocast and other devices
     if i <= g * oc:
-        # one conv over [own | interleaved] per group: (N, g, c) + (N, g, c) -> (N, g, 2c)
-        if reuse:
-            z = _scratch((n, g, k), x)
-            z[:, :, :c].copy_(own)
-            z[:, :, c:].copy_(mixed)
-        else:
-            z = torch.cat([own, mixed], dim=2)
-        return _conv(z.view(n, g * k), weight, bias, groups)
-    # in > out (down_proj): MKL's batched GEMM beat oneDNN's grouped conv on these narrow groups
-    # (96 outputs each at Phi-3 shapes); the own half reads x in place, only the interleaved half
-    # is copied, and the (g, N, oc) result is contiguous - which keeps bmm on its one-call batched
-    # path - at the price of one transposing copy of the small (N, out) output.
-    xi = _scratch((n, g, c), x).copy_(mixed) if reuse else mixed.contiguous()
-    w_own = weight[:, :, :c].transpose(1, 2)  # (g, oc, c) -> (g, c, oc)
-    own_g = own.transpose(0, 1)  # (N, g, c) -> (g, N, c)
-    if bias is None:
-        y = torch.bmm(own_g, w_own)  # (g, N, c) @ (g, c, oc) -> (g, N, oc)
-    else:
-        y = torch.baddbmm(bias.view(g, 1, oc), own_g, w_own)  # bias broadcast over N
-    xi_g, w_mixed = xi.transpose(0, 1), weight[:, :, c:].transpose(1, 2)  # (g, N, c), (g, c, oc)
-    if torch.is_autocast_enabled(x.device.type):
-        y = torch.baddbmm(y, xi_g, w_mixed)  # in-place ops escape autocast's casts
-    else:
-        y = y.baddbmm_(xi_g, w_mixed)  # += (g, N, c) @ (g, c, oc), in place
-    return y.transpose(0, 1).reshape(n, g * oc)  # (g, N, oc) -> (N, g, oc) -> (N, out), one copy
+        return _conv(torch.cat([x.view(n, g, c), mixed], dim=2).view(n, g * k), weight, bias, groups)
+    own_g = x.view(n, g, c).transpose(0, 1)  # (N, g, c) -> (g, N, c)
+    xi_g = mixed.contiguous().transpose(0, 1)  # (g, N, c)
+    w_own, w_mixed = weight[:, :, :c].transpose(1, 2), weight[:, :, c:].transpose(1, 2)  # (g, c, oc)
+    y = torch.bmm(own_g, w_own) + torch.bmm(xi_g, w_mixed)  # (g, N, oc)
+    y = y.transpose(0, 1).reshape(n, g * oc)  # (g, N, oc) -> (N, g, oc) -> (N, out)
+    return y if bias is None else y + bias.to(y.dtype)  # under autocast y is already bf16/fp16
 
 
 def _io_gather(x: torch.Tensor, weight: torch.Tensor, bias, gather_index: torch.Tensor) -> torch.Tensor:

@@ -456,9 +456,10 @@ def _allocate(model, cfg: GPConvConfig, fresh: list[_Planned], planned, stats, b
     for p in fresh:
         w = None if meta else _dense_weight(p.module, p.source)
         cov = stats[p.name].fit if stats else None
+        held = stats[p.name].held_out if stats else None
         bias = getattr(p.module, "bias", None) is not None
         menus[p.name] = layer_options(family, p.in_features, p.out_features, bias, p.source, w, cov,
-                                      _mcpg(cfg, p.name), cfg.ridge)
+                                      _mcpg(cfg, p.name), cfg.ridge, cov_eval=held)
     fixed = count_parameters(model).non_embedding - sum(p.in_features * p.out_features for p in fresh)
     target = parse_target(cfg.target_params, before.non_embedding)
     if by_role:
@@ -495,8 +496,10 @@ def _split(p: _Planned, budget: int, cfg: GPConvConfig, stats, meta: bool) -> No
         if fits:
             p.spec = max(fits, key=lambda o: (o.params, -o.error)).spec
         return
+    st = stats[p.name] if stats else None
     best = best_split(p.in_features, p.out_features, bias, p.source, _dense_weight(p.module, p.source),
-                      stats[p.name].fit if stats else None, budget, _mcpg(cfg, p.name), cfg.ridge, cfg.permute)
+                      st.fit if st else None, budget, _mcpg(cfg, p.name), cfg.ridge, cfg.permute,
+                      cov_eval=st.held_out if st else None)
     if best is not None:
         p.spec = best.spec
 

@@ -96,6 +96,46 @@ def test_hybrid_split_is_never_worse_than_lowrank_of_the_same_size():
     assert relative_error(w, m.to_dense(), st.fit) <= relative_error(w, lr.to_dense(), st.fit) + 1e-9
 
 
+def test_split_scores_on_held_out_tokens_not_on_the_fitting_ones():
+    """12 fitting tokens: an io block interpolates them (in-sample error ~0) and would win if
+    scored there; on held-out tokens it is much worse than the low-rank option, which the split
+    then picks. Its reported error is the held-out error of the block fit_layer builds."""
+    n = 64
+    w = torch.randn(n, n, generator=torch.Generator().manual_seed(0))
+    gen = torch.Generator().manual_seed(1)
+    xf, xh = torch.randn(12, n, generator=gen), torch.randn(2000, n, generator=gen)
+    st = LayerStats((xf.t() @ xf / 12).double(), (xh.t() @ xh / 2000).double(), 12, 2000)
+    budget = 2 * n * n // 8
+    in_sample = best_split(n, n, False, "linear", w, st.fit, budget, 8, ridge=1e-6)
+    held = best_split(n, n, False, "linear", w, st.fit, budget, 8, ridge=1e-6, cov_eval=st.held_out)
+    assert in_sample.spec.variant == "io" and in_sample.error < 1e-6
+    assert held.spec.variant == "lowrank" and held.params <= budget
+    io_block, _ = fit_layer(in_sample.spec, w, None, "fit", st, ridge=1e-6)
+    lr_block, _ = fit_layer(held.spec, w, None, "fit", st, ridge=1e-6)
+    io_held = relative_error(w, io_block.to_dense(), st.held_out) ** 2
+    lr_held = relative_error(w, lr_block.to_dense(), st.held_out) ** 2
+    assert lr_held == pytest.approx(held.error, rel=1e-3)
+    assert io_held > 1.2 * lr_held
+
+
+def test_budget_menu_scores_on_held_out_tokens_too():
+    """The solver's menu: every option's error is the held-out error of the block it builds."""
+    n = 48
+    w = torch.randn(n, n, generator=torch.Generator().manual_seed(2))
+    st = _correlated_stats(n, tokens=400, seed=3)
+    menu = layer_options("hybrid", n, n, False, "linear", w, st.fit, 8, ridge=1e-3, cov_eval=st.held_out)
+    in_sample = layer_options("hybrid", n, n, False, "linear", w, st.fit, 8, ridge=1e-3)
+    checked = 0
+    for o, o_in in zip(menu, in_sample):
+        assert o.spec == o_in.spec and o.params == o_in.params
+        if o.spec is None or o.spec.variant not in ("lowrank", "io"):
+            continue
+        block, _ = fit_layer(o.spec, w, None, "fit", st, ridge=1e-3)
+        assert relative_error(w, block.to_dense(), st.held_out) ** 2 == pytest.approx(o.error, rel=1e-4)
+        checked += 1
+    assert checked >= 4
+
+
 def test_solver_respects_budget_and_matches_brute_force():
     g = torch.Generator().manual_seed(0)
     menus = {}

@@ -18,11 +18,17 @@ from gpconv.layers import _io_grouped_mm, _use_grouped_mm, grouped_forward, io_f
 SHAPES = [(12, 18, 3), (20, 10, 5), (96, 32, 8), (64, 128, 4), (6, 9, 3), (30, 30, 15)]
 
 
-@pytest.fixture(params=["conv", "gather"])
+@pytest.fixture(params=["many", "many-strided", "few"])
 def path(request, monkeypatch):
-    """Run a test on each CPU path: the threshold decides, so force it both ways."""
-    monkeypatch.setattr(layers, "CONV_MIN_TOKENS", 0 if request.param == "conv" else 10**9)
-    return request.param
+    """Run a test on each CPU path: the thresholds decide, so force every way.
+
+    many: bmm / hand-written backward with contiguous GEMM outputs (what several threads use);
+    many-strided: the same writing through strided outputs (one thread); few: gather + bmm.
+    """
+    p = request.param
+    monkeypatch.setattr(layers, "CONV_MIN_TOKENS", 10**9 if p == "few" else 0)
+    monkeypatch.setattr(layers, "_strided_out", lambda: p == "many-strided")
+    return p
 
 
 def _reference(block: GroupedPointwiseBlock, x: torch.Tensor) -> torch.Tensor:
@@ -267,3 +273,22 @@ def test_inference_scratch_buffer_never_leaks(path, n_in, n_out, g):
     with torch.no_grad():  # the inference-mode buffer is not reused outside inference mode
         torch.testing.assert_close(b(xs[2]), ys[2])
     layers.clear_scratch()
+
+
+@pytest.mark.parametrize("n_in, n_out, g", [(64, 128, 4), (96, 32, 8)])
+def test_backward_takes_a_non_contiguous_upstream_gradient(path, n_in, n_out, g):
+    """The hand-written backward views dY as (g, N, oc): a transposed dY must still be right."""
+    b = GroupedPointwiseBlock(n_in, n_out, g, bias=True).double()
+    x = torch.randn(9, n_in, dtype=torch.double, requires_grad=True)
+    dy = torch.randn(n_out, 9, dtype=torch.double).t()  # (9, out) with strides (1, 9)
+    assert not dy.is_contiguous()
+    b(x).backward(dy)
+    xr = x.detach().clone().requires_grad_(True)
+    (xr @ b.to_dense().detach().t() + b.bias.detach()).backward(dy)
+    torch.testing.assert_close(x.grad, xr.grad)
+    torch.testing.assert_close(b.bias.grad, dy.sum(0))
+    from gpconv.layers import io_dense
+
+    wp = b.weight.detach().clone().requires_grad_(True)  # the block's weight through its dense map
+    (x.detach() @ io_dense(wp, b.gather_index(), n_in).t()).backward(dy)
+    torch.testing.assert_close(b.weight.grad, wp.grad)
