@@ -27,7 +27,7 @@ import torch
 
 import gpconv
 from gpconv import BlockSpec
-from gpconv.budget import _group_choices
+from gpconv.budget import split_specs
 from gpconv.calibrate import Calibration, collect_stats
 from gpconv.data import Rows, build_datasets, load_rows
 from gpconv.init import fit_layer
@@ -37,19 +37,13 @@ LAYERS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_pro
 
 
 def options(n_in: int, n_out: int, budget: int, min_channels_per_group: int) -> dict[str, BlockSpec]:
-    """Every block of at most ``budget`` weights: all low-rank, all io, and io + low-rank."""
-    out = {}
-    r_max = budget // (n_in + n_out)
-    if r_max >= 1:
-        out["lowrank"] = BlockSpec(n_in, n_out, "lowrank", 1, r_max, False, "linear")
-    for g in _group_choices(n_in, n_out, min_channels_per_group):
-        p_io = 2 * n_in * n_out // g
-        if p_io > budget:
-            continue
-        r = (budget - p_io) // (n_in + n_out)
-        variant = "hybrid" if r >= 1 else "io"
-        out[f"g{g}+r{r}" if r else f"io g{g}"] = BlockSpec(n_in, n_out, variant, g, r, False, "linear")
-    return out
+    """Every block of at most ``budget`` weights that the split weighs, by a short label."""
+    def label(spec: BlockSpec) -> str:
+        if spec.variant == "lowrank":
+            return "lowrank"
+        return f"g{spec.groups}+r{spec.rank}" if spec.rank else f"io g{spec.groups}"
+
+    return {label(s): s for s in split_specs(n_in, n_out, budget, min_channels_per_group)}
 
 
 def main() -> None:

@@ -18,7 +18,7 @@ hybrid is then fitted properly (alternating, see :mod:`gpconv.lowrank`).
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -89,13 +89,12 @@ def layer_options(family: str, n_in: int, n_out: int, bias: bool, source: str, w
     dense = n_in * n_out
     if weight is None:  # meta device: no weights to measure; a size-only proxy keeps choices even
         return _size_only_options(family, n_in, n_out, bias, source, min_channels_per_group)
-    w, c, wh, total, err_of = _error_metric(weight, cov, ridge)
-    if cov_eval is not None:  # fitted on cov, scored on held-out tokens (see best_split)
-        err_of = _error_metric(weight, cov_eval, ridge, whiten=False)[4]
+    # fitted on cov, scored on held-out tokens when given (see best_split)
+    w, c, wh, total, err_of = _error_metric(weight, cov, ridge, cov_eval)
     opts = [Option(None, dense, 0.0)]
 
     def tail_errors(m: torch.Tensor) -> torch.Tensor:
-        """err(r) for r = 0..k: energy of m outside its best rank-r part, whitened."""
+        """err(r) for r = 0..k: energy of m outside its best rank-r part, whitened (in-sample only)."""
         mw = m if wh is None else m @ wh[0]
         s2 = torch.linalg.svdvals(mw).square()
         tails = torch.cat([s2.flip(0).cumsum(0).flip(0), s2.new_zeros(1)])  # tails[r] = sum_{i>=r} s_i^2
@@ -128,6 +127,24 @@ def layer_options(family: str, n_in: int, n_out: int, bias: bool, source: str, w
     return opts
 
 
+def split_specs(n_in: int, n_out: int, budget: int, min_channels_per_group: int, bias: bool = False,
+                source: str = "linear") -> list[BlockSpec]:
+    """The ways :func:`best_split` can spend ``budget`` weights on one layer: all low-rank
+    (rank = budget / (in + out)), then per allowed group count g an io block plus the rest of
+    the budget as rank (a plain io block when no rank is left)."""
+    specs = []
+    r_max = budget // (n_in + n_out)
+    if r_max >= 1:
+        specs.append(BlockSpec(n_in, n_out, "lowrank", 1, r_max, bias, source))
+    for g in _group_choices(n_in, n_out, min_channels_per_group):
+        p_io = 2 * n_in * n_out // g
+        if p_io > budget:
+            continue
+        r = (budget - p_io) // (n_in + n_out)
+        specs.append(BlockSpec(n_in, n_out, "hybrid" if r >= 1 else "io", g, r if r >= 1 else 0, bias, source))
+    return specs
+
+
 @torch.no_grad()
 def best_split(n_in: int, n_out: int, bias: bool, source: str, weight: torch.Tensor, cov: torch.Tensor | None,
                budget: int, min_channels_per_group: int, ridge: float = DEFAULT_RIDGE, permute: bool = False,
@@ -149,50 +166,48 @@ def best_split(n_in: int, n_out: int, bias: bool, source: str, weight: torch.Ten
     from .init import choose_permutation, fit_io_weight
     from .layers import GroupedPointwiseBlock, io_dense
 
-    w, c, wh, _, err_of = _error_metric(weight, cov, ridge)
-    if cov_eval is not None:
-        err_of = _error_metric(weight, cov_eval, ridge, whiten=False)[4]
+    w, c, wh, _, err_of = _error_metric(weight, cov, ridge, cov_eval)
     svd = _whitened_factors(w, wh)
     best = None
-    r_max = budget // (n_in + n_out)
-    if r_max >= 1:
-        best = Option(BlockSpec(n_in, n_out, "lowrank", 1, r_max, bias, source), r_max * (n_in + n_out),
-                      err_of(w - svd(r_max)))
-    for g in _group_choices(n_in, n_out, min_channels_per_group):
-        p_io = 2 * n_in * n_out // g
-        if p_io > budget:
-            continue
-        idx = GroupedPointwiseBlock(n_in, n_out, g, device="meta").gather_index("cpu")
-        orders = [(False, idx)]
-        if permute:
-            perm = choose_permutation(weight, g, cov).cpu()
-            orders.append((True, perm[idx]))  # block input x[..., perm]: slot s reads channel perm[s]
-        r = (budget - p_io) // (n_in + n_out)
-        resid = w - svd(r) if r >= 1 else w
-        for permuted, order in orders:
-            order = order.to(w.device)
-            gw = fit_io_weight(resid, g, order, c, ridge)
-            spec = BlockSpec(n_in, n_out, "hybrid" if r >= 1 else "io", g, r if r >= 1 else 0, bias, source, permuted)
-            opt = Option(spec, p_io + r * (n_in + n_out), err_of(resid - io_dense(gw, order, n_in)))
-            if best is None or opt.error < best.error:
-                best = opt
+    for spec in split_specs(n_in, n_out, budget, min_channels_per_group, bias, source):
+        g, r = spec.groups, spec.rank
+        if spec.variant == "lowrank":
+            candidates = [(spec, err_of(w - svd(r)))]
+        else:
+            idx = GroupedPointwiseBlock(n_in, n_out, g, device="meta").gather_index("cpu")
+            orders = [(False, idx)]
+            if permute:
+                perm = choose_permutation(weight, g, cov).cpu()
+                orders.append((True, perm[idx]))  # block input x[..., perm]: slot s reads channel perm[s]
+            resid = w - svd(r) if r >= 1 else w
+            candidates = []
+            for permuted, order in orders:
+                order = order.to(w.device)
+                gw = fit_io_weight(resid, g, order, c, ridge)
+                candidates.append((replace(spec, permuted=permuted), err_of(resid - io_dense(gw, order, n_in))))
+        for cand, err in candidates:
+            if best is None or err < best.error:
+                best = Option(cand, cand.num_params - (n_out if bias else 0), err)  # weights only
     return best
 
 
-def _error_metric(weight: torch.Tensor, cov: torch.Tensor | None, ridge: float, whiten: bool = True):
-    """``(w, c, wh, total, err_of)`` in float64: the weight, the input second moment, its whitener
-    (None unless ``whiten``), ``tr(W C W^T)`` and ``err_of(D) = tr(D C D^T) / tr(W C W^T)``
-    (Frobenius when ``cov`` is None)."""
+def _error_metric(weight: torch.Tensor, cov: torch.Tensor | None, ridge: float,
+                  cov_eval: torch.Tensor | None = None):
+    """``(w, c, wh, total, err_of)`` in float64: the weight, the input second moment ``c`` the
+    options are fitted on, its whitener, ``tr(W C W^T)`` and ``err_of(D) = tr(D C D^T) / tr(W C W^T)``
+    (Frobenius when there is no second moment). With ``cov_eval`` (held-out tokens) ``total`` and
+    ``err_of`` score on it instead of on ``cov``."""
     from .lowrank import _whitener
 
     w = weight.detach().to(torch.float64)
     c = None if cov is None else cov.to(torch.float64)
-    wh = _whitener(c, w.shape[1], ridge, w.device) if whiten else None
-    total = float(w.square().sum()) if c is None else float(((w @ c) * w).sum())
+    wh = _whitener(c, w.shape[1], ridge, w.device)
+    ce = c if cov_eval is None else cov_eval.to(torch.float64)
+    total = float(w.square().sum()) if ce is None else float(((w @ ce) * w).sum())
     total = max(total, 1e-30)
 
     def err_of(d: torch.Tensor) -> float:
-        return float(d.square().sum() / total) if c is None else float(((d @ c) * d).sum() / total)
+        return float(d.square().sum() / total) if ce is None else float(((d @ ce) * d).sum() / total)
 
     return w, c, wh, total, err_of
 
