@@ -3,6 +3,7 @@
     python benchmarks/bench_block.py                      # table
     python benchmarks/bench_block.py --json out.json      # table + JSON
     python benchmarks/bench_block.py --legacy             # also time the previous gather+bmm code
+    python benchmarks/bench_block.py --floor              # also time the bare GEMMs (the floor)
 
 For each shape (groups from the paper's rule at --min-channels-per-group), token count, and pass
 (forward = inference under no_grad; forward+backward = training step of one layer), dense and
@@ -12,6 +13,14 @@ median of each is kept, so machine load hits both sides alike. The number to rea
 smaller. The issue's target is <= 1.25 at 1024 tokens. ``(best-of)`` is the same ratio from the
 fastest sample of each side, a second opinion when other processes share the cores. Not a
 test: nothing here asserts.
+
+``--floor`` adds a third side: the block's batched GEMMs alone, on operands that are already
+contiguous and into contiguous outputs - no interleave, no strided reads or writes, no
+un-interleaving add. Forward: ``(g, N, c) @ (g, c, oc)`` twice; forward+backward adds the two
+``dx`` GEMMs ``(g, N, oc) @ (g, oc, c)`` and the two ``dW`` GEMMs ``(g, oc, N) @ (g, N, c)``. It
+computes nothing useful; its time/param is what any implementation built on these batched
+GEMMs could reach at best, i.e. how much of the gap to the target is data movement and how much
+is MKL running narrow GEMMs less efficiently than one wide dense one.
 """
 
 from __future__ import annotations
@@ -65,7 +74,25 @@ def _case_fns(module_fn, x, params, dy, backward: bool):
     return run
 
 
-def bench(shapes, tokens, reps: int, mcpg: int, legacy: bool, dtype=torch.float32) -> list[dict]:
+def floor_fn(n: int, n_in: int, n_out: int, g: int, backward: bool, dtype=torch.float32):
+    """The block's batched GEMMs alone, contiguous operands and outputs (see the module notes)."""
+    c, oc = n_in // g, n_out // g
+    x, w = torch.randn(g, n, c, dtype=dtype), torch.randn(g, c, oc, dtype=dtype)
+    y = torch.empty(g, n, oc, dtype=dtype)
+    dyc, wt = torch.randn(g, n, oc, dtype=dtype), torch.randn(g, oc, c, dtype=dtype)
+    dx = torch.empty(g, n, c, dtype=dtype)
+    dyt, dw = torch.randn(g, oc, n, dtype=dtype), torch.empty(g, oc, c, dtype=dtype)
+
+    def run():
+        for _ in range(2):  # own half, interleaved half
+            torch.bmm(x, w, out=y)
+            if backward:
+                torch.bmm(dyc, wt, out=dx)
+                torch.bmm(dyt, x, out=dw)
+    return run
+
+
+def bench(shapes, tokens, reps: int, mcpg: int, extras=(), dtype=torch.float32) -> list[dict]:
     rows = []
     for name, n_in, n_out in shapes:
         g = group_count(n_in, n_out, mcpg)
@@ -80,8 +107,10 @@ def bench(shapes, tokens, reps: int, mcpg: int, legacy: bool, dtype=torch.float3
                     "dense": _case_fns(dense, x, list(dense.parameters()), dy, backward),
                     "grouped": _case_fns(block, x, list(block.parameters()), dy, backward),
                 }
-                if legacy:
+                if "legacy" in extras:
                     impls["legacy"] = _case_fns(lambda t: legacy_forward(block, t), x, list(block.parameters()), dy, backward)
+                if "floor" in extras:
+                    impls["floor"] = floor_fn(n, n_in, n_out, g, backward, dtype)
                 # calls per sample: enough that one sample is >= ~20 ms (1-token calls are short)
                 for fn in impls.values():
                     fn()  # warm-up (allocations, MKL handles)
@@ -103,28 +132,28 @@ def bench(shapes, tokens, reps: int, mcpg: int, legacy: bool, dtype=torch.float3
                 # best-of-reps ratio: less sensitive to other processes on a shared machine
                 row["time_over_param_min"] = best["grouped"] / best["dense"] / param_ratio
                 row["samples_ms"] = {k: [t * 1e3 for t in v] for k, v in samples.items()}
-                if legacy:
-                    row["legacy_ms"] = med["legacy"] * 1e3
-                    row["legacy_time_over_param"] = med["legacy"] / med["dense"] / param_ratio
+                for k in extras:
+                    row[f"{k}_ms"] = med[k] * 1e3
+                    row[f"{k}_time_over_param"] = med[k] / med["dense"] / param_ratio
                 rows.append(row)
-                print(_fmt_row(row, legacy), flush=True)
+                print(_fmt_row(row, extras), flush=True)
     return rows
 
 
-def _header(legacy: bool) -> str:
+def _header(extras) -> str:
     h = f"{'layer':<13} {'shape':>12} {'g':>3} {'tokens':>6} {'pass':<16} {'dense ms':>9} {'grouped ms':>10} " \
         f"{'time ratio':>10} {'param ratio':>11} {'time/param':>10} {'(best-of)':>9}"
-    if legacy:
-        h += f" {'legacy ms':>9} {'legacy t/p':>10}"
+    for k in extras:
+        h += f" {k + ' ms':>9} {k + ' t/p':>10}"
     return h
 
 
-def _fmt_row(r: dict, legacy: bool) -> str:
+def _fmt_row(r: dict, extras) -> str:
     s = (f"{r['layer']:<13} {str(r['in_features']) + '->' + str(r['out_features']):>12} {r['groups']:>3} "
          f"{r['tokens']:>6} {r['pass_']:<16} {r['dense_ms']:>9.3f} {r['grouped_ms']:>10.3f} "
          f"{r['time_ratio']:>10.3f} {r['param_ratio']:>11.3f} {r['time_over_param']:>10.2f} {r['time_over_param_min']:>9.2f}")
-    if legacy:
-        s += f" {r['legacy_ms']:>9.3f} {r['legacy_time_over_param']:>10.2f}"
+    for k in extras:
+        s += f" {r[k + '_ms']:>9.3f} {r[k + '_time_over_param']:>10.2f}"
     return s
 
 
@@ -158,6 +187,8 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", nargs="+", default=None, help="subset of: " + " ".join(n for n, _, _ in PHI3_SHAPES))
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--legacy", action="store_true", help="also time the previous code (gather + bmm + transpose; today's small-N path)")
+    ap.add_argument("--floor", action="store_true",
+                    help="also time the block's batched GEMMs alone on contiguous operands (the floor for this design)")
     ap.add_argument("--json", default=None, help="write rows + machine info to this file")
     args = ap.parse_args(argv)
     if args.threads:
@@ -167,8 +198,9 @@ def main(argv=None) -> int:
     info = machine()
     load_before = loadavg()
     print(f"# {info.get('cpu', '?')}, torch {info['torch']}, threads {info['threads']}, loadavg {load_before}")
-    print(_header(args.legacy))
-    rows = bench(shapes, args.tokens, args.reps, args.min_channels_per_group, args.legacy)
+    extras = [k for k in ("legacy", "floor") if getattr(args, k)]
+    print(_header(extras))
+    rows = bench(shapes, args.tokens, args.reps, args.min_channels_per_group, extras)
     load_after = loadavg()
     print(f"# loadavg after: {load_after}")
     if args.json:

@@ -57,12 +57,13 @@ def io_uniform(fraction: float, hidden: int, intermediate: int, **kw) -> GPConvC
                         min_channels_per_group_overrides={"down_proj": intermediate // g}, **kw)
 
 
-def build_student(method, teacher, fraction, calib_batches, ridge):
-    """The student of ``method`` at ``fraction`` of the teacher's non-embedding parameters."""
+def build_student(method, teacher, fraction, calib_batches, ridge, refine_steps=0, refine_lr=1e-4):
+    """The student of ``method`` at ``fraction`` of the teacher's non-embedding parameters.
+    ``refine_steps``: decoder-layer refinement after the closed-form fits (methods that fit)."""
     cfg = teacher.config
     h, i = cfg.hidden_size, cfg.intermediate_size
     student = copy.deepcopy(teacher)
-    seq = Calibration(calib_batches, sequential=True)
+    seq = Calibration(calib_batches, sequential=True, refine_steps=refine_steps, refine_lr=refine_lr)
     if method == "random":
         return student, shrink(student, io_uniform(fraction, h, i, init="random")), "grouped"
     if method == "project":
@@ -142,6 +143,10 @@ def main():
     ap.add_argument("--eval-blocks", type=int, default=16)
     ap.add_argument("--calib-blocks", type=int, default=32)
     ap.add_argument("--ridge", type=float, default=0.1)
+    ap.add_argument("--refine-steps", type=int, default=0,
+                    help="Adam steps per decoder layer after the closed-form fit (methods fit, hybrid*, svd*)")
+    ap.add_argument("--refine-lr", type=float, default=1e-4)
+    ap.add_argument("--tag", default="", help="suffix of the result keys (e.g. '+refine'), to merge variants of a method")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="docs/results")
     ap.add_argument("--merge", nargs="+", default=None, metavar="DIR",
@@ -172,10 +177,11 @@ def main():
 
     for fraction in args.fractions:
         for method in args.methods:
-            key = f"{method}@{fraction}"
+            key = f"{method}{args.tag}@{fraction}"
             t0 = time.time()
             torch.manual_seed(0)  # `random` draws its init here: the same draws whatever ran before
-            student, report, mode = build_student(method, teacher, fraction, calib_batches, args.ridge)
+            student, report, mode = build_student(method, teacher, fraction, calib_batches, args.ridge,
+                                                  args.refine_steps, args.refine_lr)
             mode = "all" if args.train_all else mode
             surgery_s = time.time() - t0
             after = perplexities(student, sets)
@@ -194,7 +200,7 @@ def main():
             if args.steps > 0:  # --steps 0 measures surgery alone
                 gpconv.distill(student, teacher, train, cfg, callbacks=[every])
             results[key] = {
-                "method": method, "fraction": fraction, "non_embedding": report.after.non_embedding,
+                "method": method, "tag": args.tag, "refine_steps": args.refine_steps, "fraction": fraction, "non_embedding": report.after.non_embedding,
                 "kept_fraction": report.kept_fraction, "trained": mode, "surgery_s": surgery_s,
                 "variants": _variant_counts(report),
                 "recovery_s": time.time() - t1, "after_surgery": after, "after_recovery": curve[-1], "curve": curve,
@@ -244,10 +250,10 @@ def write_outputs(results: dict, out: Path) -> None:
         "ppl after recovery (alpaca / wikitext) | recovery tokens |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    for r in sorted(rows, key=lambda r: (-r["fraction"], METHODS.index(r["method"]))):
+    for r in sorted(rows, key=lambda r: (-r["fraction"], METHODS.index(r["method"]), r.get("tag", ""))):
         a, b = r["after_surgery"], r["after_recovery"]
         lines.append(
-            f"| {r['fraction']} | {r['method']} | {r['non_embedding']:,} | {100 * r['kept_fraction']:.1f}% | "
+            f"| {r['fraction']} | {r['method']}{r.get('tag', '')} | {r['non_embedding']:,} | {100 * r['kept_fraction']:.1f}% | "
             f"{r['trained']} | {_fmt(a['alpaca'])} / {_fmt(a['wikitext'])} | {_fmt(b['alpaca'])} / "
             f"{_fmt(b['wikitext'])} | {b['tokens']:,} |"
         )
@@ -255,9 +261,10 @@ def write_outputs(results: dict, out: Path) -> None:
     for fraction in sorted({r["fraction"] for r in rows}, reverse=True):
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for ax, name in zip(axes, ("alpaca", "wikitext")):
-            for r in sorted((r for r in rows if r["fraction"] == fraction), key=lambda r: METHODS.index(r["method"])):
+            for r in sorted((r for r in rows if r["fraction"] == fraction),
+                            key=lambda r: (METHODS.index(r["method"]), r.get("tag", ""))):
                 xs = [c["tokens"] for c in r["curve"]]
-                ax.plot(xs, [c[name] for c in r["curve"]], marker="o", ms=3, label=r["method"])
+                ax.plot(xs, [c[name] for c in r["curve"]], marker="o", ms=3, label=r["method"] + r.get("tag", ""))
             ax.axhline(meta["teacher_perplexity"][name], color="k", ls="--", lw=1, label="teacher")
             ax.set_yscale("log")
             ax.set_xlabel("recovery tokens")

@@ -56,6 +56,8 @@ def shrink(
     calibration_block_size: int = typer.Option(256, "--calibration-block-size", help="Tokens per calibration block."),
     calibration_format: str = typer.Option("chat-template", "--calibration-format", help="kphi3 | chat-template | plain."),
     sequential: bool = typer.Option(False, "--sequential", help="Fit layer by layer on the already-shrunk prefix (needs calibration data)."),
+    refine_steps: int = typer.Option(0, "--refine-steps", help="With --sequential: Adam steps per decoder layer after the closed-form fit, matching the dense layer's output (kept only where held-out error drops)."),
+    refine_lr: float = typer.Option(1e-4, "--refine-lr", help="Learning rate of --refine-steps."),
     measure_options: bool = typer.Option(False, "--measure-options", help="Report each layer's error for io project / io fit / low-rank / hybrid at the same size."),
 ):
     """Replace a model's dense layers by grouped pointwise blocks and save it."""
@@ -69,6 +71,8 @@ def shrink(
                   measure_options=measure_options or None)
     if sequential and calibration_data is None:
         raise GPConvError("--sequential needs --calibration-data")
+    if refine_steps and not sequential:
+        raise GPConvError("--refine-steps needs --sequential (each layer is refined on the shrunk prefix's outputs)")
     if dry_run:
         m, _ = gpconv.load_model(model, meta=True)
         report = gpconv.shrink(m, cfg, dry_run=True, model_name=model)
@@ -85,7 +89,7 @@ def shrink(
         m, tok = gpconv.load_model(model, dtype=dtype)
         calib = calibration_from_source(calibration_data, tok, format=calibration_format,
                                         block_size=calibration_block_size, num_blocks=calibration_blocks,
-                                        sequential=sequential)
+                                        sequential=sequential, refine_steps=refine_steps, refine_lr=refine_lr)
         report = gpconv.shrink(m, cfg, calibration=calib, model_name=model)
         _check_changed(report)
         gpconv.save_pretrained(m, out, tok, overwrite=overwrite, report=report)

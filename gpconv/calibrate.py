@@ -75,10 +75,23 @@ class Calibration:
     correct: bool = True
     """Sequential mode: fit each layer to reproduce the *dense* model's output of that layer
     (from the shrunk prefix's inputs), not just its own map. See :meth:`LayerStats.target`."""
+    refine_steps: int = 0
+    """Sequential mode: after a decoder layer's blocks are fitted in closed form, this many Adam
+    steps on those blocks so that the whole decoder layer reproduces the dense layer's output
+    (see :func:`refine_layer`). 0: closed form only."""
+    refine_lr: float = 1e-4
+    """Adam learning rate of the refinement. Small: it starts from the closed-form optimum of
+    every linear map and only has to correct their interplay."""
 
     def __post_init__(self):
         if not self.batches:
             raise GPConvError("calibration needs at least one batch of token ids")
+        if not isinstance(self.refine_steps, int) or isinstance(self.refine_steps, bool) or self.refine_steps < 0:
+            raise GPConvError(f"refine_steps must be a non-negative integer, got {self.refine_steps!r}")
+        if self.refine_steps and not self.sequential:
+            raise GPConvError("refine_steps needs sequential calibration (the layer's inputs come from the shrunk prefix)")
+        if not (isinstance(self.refine_lr, (int, float)) and self.refine_lr > 0):
+            raise GPConvError(f"refine_lr must be a positive number, got {self.refine_lr!r}")
         if len(self.batches) < 2:
             self.holdout_every = 0  # one batch: nothing to hold out
 
@@ -240,13 +253,19 @@ def run_sequential(
     calib: Calibration,
     names: Sequence[str],
     on_stage: Callable[[dict[str, LayerStats]], None],
+    on_refined: Callable[[int, float, float], None] | None = None,
 ) -> None:
     """Call ``on_stage(stats)`` for each group of layers that share an input, in forward order,
-    with statistics taken from the model *as modified by the earlier calls*."""
+    with statistics taken from the model *as modified by the earlier calls*. With
+    ``calib.refine_steps``, each decoder layer is refined once its blocks are in and
+    ``on_refined(layer index, held-out error before, after)`` is called."""
     device = next(model.parameters()).device
     batches = [b.to(device) for b in calib.batches]
     stages = _forward_order(model, batches[0], names)
     found = decoder_layers(model)
+    if found is None and calib.refine_steps:  # refused before any layer changes
+        raise GPConvError("refine_steps needs a model built as a stack of decoder layers (an nn.ModuleList of "
+                          f"identical blocks); {type(model).__name__} has none")
     if found is None:
         for stage in stages:  # generic: a full pass per stage
             on_stage(collect_stats(model, calib, stage))
@@ -281,9 +300,10 @@ def run_sequential(
     for li, layer in enumerate(layers):
         stages_here = in_layer.get(li, [])
         # a dense copy of this layer (one layer at a time: cheap) gives the dense model's inputs
-        dense_layer = copy.deepcopy(layer) if stages_here and calib.correct else None
+        # (refinement needs it too: its target is the dense layer's output)
+        dense_layer = copy.deepcopy(layer) if stages_here and (calib.correct or calib.refine_steps) else None
         dense_inputs = None
-        if dense_layer is not None:  # one pass gives every target's dense input, per batch
+        if dense_layer is not None and calib.correct:  # one pass gives every target's dense input, per batch
             rel = {n: n[len(prefix) + 1:].split(".", 1)[1] for st in stages_here for n in st}  # "3.mlp.up" -> "mlp.up"
             dense_inputs = [_inputs_of(dense_layer, rel, call) for call in dense_cached]
         for stage in stages_here:
@@ -298,6 +318,10 @@ def run_sequential(
             finally:
                 stats = acc.close()
             on_stage(stats)
+        if calib.refine_steps and dense_layer is not None:
+            before, after = refine_layer(layer, dense_layer, cached, dense_cached, calib)
+            if on_refined is not None and before == before:  # nan: the layer had no blocks
+                on_refined(li, before, after)
         if li + 1 < len(layers):  # this layer is final now: its outputs feed the next one
             # until a layer has been changed, the dense and the shrunk stream are the same
             diverged = dense_cached is not cached or dense_layer is not None
@@ -307,6 +331,67 @@ def run_sequential(
             else:
                 dense_cached = new_cached
             cached = new_cached
+
+
+def _hidden(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def refine_layer(layer, dense_layer, cached, dense_cached, calib: Calibration) -> tuple[float, float]:
+    """Tune the gpconv blocks inside one decoder ``layer`` so that ``layer(shrunk-prefix inputs)``
+    matches ``dense_layer(dense inputs)``: Adam on the mean squared error of the layer's output,
+    on the fit batches. The closed-form fits make each linear map right on its own; this step
+    accounts for what happens between them (attention's softmax, the MLP's gate). The held-out
+    batches decide: if their error did not drop, the closed-form weights are put back.
+    Returns the held-out relative error before and after."""
+    from .layers import is_gpconv_module
+
+    params = [p for m in layer.modules() if is_gpconv_module(m) for p in m.parameters()]
+    if not params:
+        return float("nan"), float("nan")
+    with torch.no_grad():
+        targets = [_hidden(dense_layer(*a, **k)).detach() for a, k in dense_cached]
+    held = [i for i in range(len(cached)) if calib.holdout_every > 0 and i % calib.holdout_every == calib.holdout_every - 1]
+    fit = [i for i in range(len(cached)) if i not in held] or list(range(len(cached)))
+    held = held or fit
+
+    def error(idx):
+        num = den = 0.0
+        with torch.no_grad():
+            for i in idx:
+                a, k = cached[i]
+                num += float((_hidden(layer(*a, **k)) - targets[i]).float().square().sum())
+                den += float(targets[i].float().square().sum())
+        return (num / max(den, 1e-30)) ** 0.5
+
+    before = error(held)
+    saved = [p.detach().clone() for p in params]
+    flags = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=calib.refine_lr)
+    try:
+        with torch.enable_grad():
+            for step in range(calib.refine_steps):
+                i = fit[step % len(fit)]
+                a, k = cached[i]
+                y = _hidden(layer(*a, **k))
+                loss = (y - targets[i]).float().square().mean() / targets[i].float().square().mean().clamp_min(1e-30)
+                # grads of the blocks only (the rest of the layer may require grad too)
+                for p, g in zip(params, torch.autograd.grad(loss, params)):
+                    p.grad = g
+                opt.step()
+    finally:
+        for p, f in zip(params, flags):
+            p.requires_grad_(f)
+            p.grad = None
+    after = error(held)
+    if not after < before:
+        with torch.no_grad():
+            for p, s in zip(params, saved):
+                p.copy_(s)
+        after = before
+    return before, after
 
 
 def _advance(layer, cached):
@@ -339,7 +424,7 @@ def _inputs_of(layer, rel: dict[str, str], call) -> dict[str, torch.Tensor]:
 
 def calibration_from_source(source: str, tokenizer, *, format: str = "chat-template", block_size: int = 256,
                             num_blocks: int = 32, batch_size: int = 4, sequential: bool = False,
-                            seed: int = 0) -> Calibration:
+                            seed: int = 0, refine_steps: int = 0, refine_lr: float = 1e-4) -> Calibration:
     """A :class:`Calibration` from any data source :func:`gpconv.data.build_datasets` reads
     (a local json/jsonl/csv/parquet/txt file, a hub dataset id, or an alias like ``lamini``)."""
     from .data import build_datasets
@@ -359,4 +444,5 @@ def calibration_from_source(source: str, tokenizer, *, format: str = "chat-templ
     if not ids:
         raise GPConvError(f"{source}: no calibration tokens")
     blocks = torch.stack(ids)  # (n, T)
-    return Calibration([blocks[i:i + batch_size] for i in range(0, len(blocks), batch_size)], sequential=sequential)
+    return Calibration([blocks[i:i + batch_size] for i in range(0, len(blocks), batch_size)], sequential=sequential,
+                       refine_steps=refine_steps, refine_lr=refine_lr)

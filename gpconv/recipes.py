@@ -59,7 +59,8 @@ DATA = {
     "source": MISSING, "format": "kphi3", "block_size": 512, "val_size": None, "max_samples": None,
     "response_only": False, "pack": True, "streaming": None, "split": None, "filter": None,
 }
-CALIBRATION = {"source": None, "blocks": 32, "block_size": 256, "format": "chat-template", "sequential": False}
+CALIBRATION = {"source": None, "blocks": 32, "block_size": 256, "format": "chat-template", "sequential": False,
+               "refine_steps": 0, "refine_lr": 1e-4}
 EVAL = {"batch_size": 8, "max_batches": None, "prompts": [], "max_new_tokens": 64}
 OUTPUT = {"dir": None, "overwrite": False, "resume": False}
 TOP = ("name", "description", "seed", "model", "teacher", "surgery", "data", "train", "eval", "output")
@@ -326,6 +327,15 @@ def resolve(raw: dict, name: str = "recipe") -> dict:
 
         _build(GPConvConfig, "surgery", surgery)  # checks every value now
         surgery["calibration"] = None if calib is None else _section(calib, "surgery.calibration", CALIBRATION, False)
+        if calib is not None:
+            c = surgery["calibration"]
+            steps, lr = c["refine_steps"], c["refine_lr"]
+            if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+                raise GPConvError(f"recipe key surgery.calibration.refine_steps: {steps!r} is not a non-negative integer")
+            if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
+                raise GPConvError(f"recipe key surgery.calibration.refine_lr: {lr!r} is not a positive number")
+            if c["refine_steps"] and not c["sequential"]:
+                raise GPConvError("surgery.calibration.refine_steps needs surgery.calibration.sequential: true")
     r["surgery"] = surgery
 
     data = _section(raw.get("data"), "data", DATA, nullable=True)
@@ -676,7 +686,8 @@ def run_recipe(recipe: str | os.PathLike | Mapping, overrides=None, *, progress:
             if not source or source == MISSING:
                 raise GPConvError("surgery.calibration needs a source (surgery.calibration.source or data.source)")
             calib = calibration_from_source(str(source), tok, format=c["format"], block_size=c["block_size"],
-                                            num_blocks=c["blocks"], sequential=c["sequential"], seed=r["seed"])
+                                            num_blocks=c["blocks"], sequential=c["sequential"], seed=r["seed"],
+                                            refine_steps=c["refine_steps"], refine_lr=c["refine_lr"])
         report = gpconv.shrink(model, cfg, calibration=calib, model_name=r["name"])
         say(f"[{r['name']}] surgery: non-embedding parameters {report.before.non_embedding:,} -> "
             f"{report.after.non_embedding:,} ({report.after.non_embedding / max(report.before.non_embedding, 1):.1%})")

@@ -172,6 +172,9 @@ class ShrinkReport:
     dry_run: bool = False
     target_non_embedding: int | None = None
     layers_kept: list[int] | None = None
+    refined: list[dict] | None = None
+    """Per decoder layer refined after fitting (``Calibration(refine_steps=...)``): ``layer`` and the
+    held-out relative error of the layer's output against the dense layer ``before`` / ``after``."""
 
     # -- summaries ---------------------------------------------------------------------------
 
@@ -206,6 +209,7 @@ class ShrinkReport:
             "kept_fraction_non_embedding": self.kept_fraction,
             "target_non_embedding": self.target_non_embedding,
             "layers_kept": self.layers_kept,
+            "refined": self.refined,
             "totals_by_kind": self.totals_by_kind(),
             "unmatched_patterns": self.unmatched_patterns,
             "modules": [dict(asdict(m), kept_fraction=m.kept_fraction) for m in self.modules],
@@ -269,6 +273,11 @@ class ShrinkReport:
         if self.target_non_embedding is not None:
             rows.append(["target non-embedding", "", f"{self.target_non_embedding:,}",
                          _pct(self.target_non_embedding, b.non_embedding)])
+        if self.refined:
+            mean = lambda k: sum(r[k] for r in self.refined) / len(self.refined)  # noqa: E731
+            better = sum(r["after"] < r["before"] for r in self.refined)
+            rows.append(["layer-output error (held out, mean)", f"{mean('before'):.4f}", f"{mean('after'):.4f}",
+                         f"refined: {better}/{len(self.refined)} layers improved"])
         return rows
 
     def _kind_rows(self):

@@ -371,13 +371,17 @@ def shrink(
                             dry_run=True, target_non_embedding=target, layers_kept=keep)
 
     # 4. fit and swap, layer by layer (sequentially on the shrunk prefix if asked)
+    refined = None
     if not meta and todo:
         if calibration is not None and calibration.sequential:
             from .calibrate import run_sequential
 
             by_name = {p.name: p for p in todo}
+            refined = [] if calibration.refine_steps else None
             run_sequential(model, calibration, list(by_name),
-                           lambda st: [_fit_swap(model, by_name[n], cfg, st[n]) for n in st])
+                           lambda st: [_fit_swap(model, by_name[n], cfg, st[n]) for n in st],
+                           on_refined=None if refined is None else
+                           lambda li, b, a: refined.append({"layer": li, "before": b, "after": a}))
         else:
             for p in todo:
                 _fit_swap(model, p, cfg, stats.get(p.name) if stats else None)
@@ -387,7 +391,7 @@ def shrink(
     record_plan(model)
     after = count_parameters(model)
     return ShrinkReport(name, cfg.settings(), before, after, [_module_report(p) for p in planned], unmatched,
-                        target_non_embedding=target, layers_kept=keep)
+                        target_non_embedding=target, layers_kept=keep, refined=refined)
 
 
 def _kept(p: _Planned) -> int:

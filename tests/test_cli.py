@@ -73,6 +73,7 @@ def test_dry_run_writes_nothing(tmp_path):
         (["densify", "{tmp}/nothing", "--out", "{out}"], "no such model directory"),
         (["shrink", "tiny-phi3", "--out", "{out}", "-m", "4096"], "nothing to save: no layer was replaced"),
         (["shrink", "{tmp}/corrupt", "--out", "{out}", "--init", "project"], "not a valid safetensors file"),
+        (["shrink", "tiny-phi3", "--out", "{out}", "--refine-steps", "5"], "--refine-steps needs --sequential"),
     ],
 )
 def test_user_errors_are_one_line_exit_2_nothing_written(tmp_path, args, message):
