@@ -86,14 +86,25 @@ class Calibration:
     def __post_init__(self):
         if not self.batches:
             raise GPConvError("calibration needs at least one batch of token ids")
-        if not isinstance(self.refine_steps, int) or isinstance(self.refine_steps, bool) or self.refine_steps < 0:
-            raise GPConvError(f"refine_steps must be a non-negative integer, got {self.refine_steps!r}")
-        if self.refine_steps and not self.sequential:
-            raise GPConvError("refine_steps needs sequential calibration (the layer's inputs come from the shrunk prefix)")
-        if not (isinstance(self.refine_lr, (int, float)) and self.refine_lr > 0):
-            raise GPConvError(f"refine_lr must be a positive number, got {self.refine_lr!r}")
+        check_refine(self.refine_steps, self.refine_lr, self.sequential)
         if len(self.batches) < 2:
             self.holdout_every = 0  # one batch: nothing to hold out
+
+    def is_held_out(self, i: int) -> bool:
+        """Is batch ``i`` held out (errors only, never fitted)?"""
+        return self.holdout_every > 0 and i % self.holdout_every == self.holdout_every - 1
+
+
+def check_refine(steps, lr, sequential: bool, where: str = "",
+                 sequential_name: str = "sequential calibration (the layer's inputs come from the shrunk prefix)"):
+    """Refuse bad refinement settings, in :class:`Calibration` and before a recipe runs.
+    ``where`` prefixes the key names (a recipe passes ``"surgery.calibration."``)."""
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+        raise GPConvError(f"{where}refine_steps must be a non-negative integer, got {steps!r}")
+    if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
+        raise GPConvError(f"{where}refine_lr must be a positive number, got {lr!r}")
+    if steps and not sequential:
+        raise GPConvError(f"{where}refine_steps needs {sequential_name}")
 
 
 def token_batches(tokenizer, texts: Iterable[str], block_size: int = 256, num_blocks: int = 32, batch_size: int = 4):
@@ -192,7 +203,7 @@ def collect_stats(model: nn.Module, calib: Calibration, names: Sequence[str]) ->
     acc = _Accumulator(model, names)
     try:
         for i, b in enumerate(calib.batches):
-            acc.new_batch(calib.holdout_every > 0 and i % calib.holdout_every == calib.holdout_every - 1)
+            acc.new_batch(calib.is_held_out(i))
             _run(model, b.to(device))
     finally:
         stats = acc.close()
@@ -312,16 +323,16 @@ def run_sequential(
                 for bi, (args, kwargs) in enumerate(cached):
                     if dense_inputs is not None:
                         acc.dense_inputs = dense_inputs[bi]
-                    acc.new_batch(calib.holdout_every > 0 and bi % calib.holdout_every == calib.holdout_every - 1)
+                    acc.new_batch(calib.is_held_out(bi))
                     with torch.no_grad():
                         layer(*args, **kwargs)
             finally:
                 stats = acc.close()
             on_stage(stats)
         if calib.refine_steps and dense_layer is not None:
-            before, after = refine_layer(layer, dense_layer, cached, dense_cached, calib)
-            if on_refined is not None and before == before:  # nan: the layer had no blocks
-                on_refined(li, before, after)
+            errors = refine_layer(layer, dense_layer, cached, dense_cached, calib)
+            if on_refined is not None and errors is not None:
+                on_refined(li, *errors)
         if li + 1 < len(layers):  # this layer is final now: its outputs feed the next one
             # until a layer has been changed, the dense and the shrunk stream are the same
             diverged = dense_cached is not cached or dense_layer is not None
@@ -337,21 +348,21 @@ def _hidden(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def refine_layer(layer, dense_layer, cached, dense_cached, calib: Calibration) -> tuple[float, float]:
+def refine_layer(layer, dense_layer, cached, dense_cached, calib: Calibration) -> tuple[float, float] | None:
     """Tune the gpconv blocks inside one decoder ``layer`` so that ``layer(shrunk-prefix inputs)``
     matches ``dense_layer(dense inputs)``: Adam on the mean squared error of the layer's output,
     on the fit batches. The closed-form fits make each linear map right on its own; this step
     accounts for what happens between them (attention's softmax, the MLP's gate). The held-out
     batches decide: if their error did not drop, the closed-form weights are put back.
-    Returns the held-out relative error before and after."""
+    Returns the held-out relative error before and after (None: the layer has no blocks)."""
     from .layers import is_gpconv_module
 
     params = [p for m in layer.modules() if is_gpconv_module(m) for p in m.parameters()]
     if not params:
-        return float("nan"), float("nan")
+        return None
     with torch.no_grad():
         targets = [_hidden(dense_layer(*a, **k)).detach() for a, k in dense_cached]
-    held = [i for i in range(len(cached)) if calib.holdout_every > 0 and i % calib.holdout_every == calib.holdout_every - 1]
+    held = [i for i in range(len(cached)) if calib.is_held_out(i)]
     fit = [i for i in range(len(cached)) if i not in held] or list(range(len(cached)))
     held = held or fit
 

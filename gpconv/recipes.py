@@ -328,14 +328,11 @@ def resolve(raw: dict, name: str = "recipe") -> dict:
         _build(GPConvConfig, "surgery", surgery)  # checks every value now
         surgery["calibration"] = None if calib is None else _section(calib, "surgery.calibration", CALIBRATION, False)
         if calib is not None:
+            from .calibrate import check_refine
+
             c = surgery["calibration"]
-            steps, lr = c["refine_steps"], c["refine_lr"]
-            if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-                raise GPConvError(f"recipe key surgery.calibration.refine_steps: {steps!r} is not a non-negative integer")
-            if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
-                raise GPConvError(f"recipe key surgery.calibration.refine_lr: {lr!r} is not a positive number")
-            if c["refine_steps"] and not c["sequential"]:
-                raise GPConvError("surgery.calibration.refine_steps needs surgery.calibration.sequential: true")
+            check_refine(c["refine_steps"], c["refine_lr"], c["sequential"], "recipe key surgery.calibration.",
+                         "surgery.calibration.sequential: true")
     r["surgery"] = surgery
 
     data = _section(raw.get("data"), "data", DATA, nullable=True)

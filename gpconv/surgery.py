@@ -377,11 +377,11 @@ def shrink(
             from .calibrate import run_sequential
 
             by_name = {p.name: p for p in todo}
-            refined = [] if calibration.refine_steps else None
+            layers_refined: list[dict] = []
             run_sequential(model, calibration, list(by_name),
                            lambda st: [_fit_swap(model, by_name[n], cfg, st[n]) for n in st],
-                           on_refined=None if refined is None else
-                           lambda li, b, a: refined.append({"layer": li, "before": b, "after": a}))
+                           on_refined=lambda li, b, a: layers_refined.append({"layer": li, "before": b, "after": a}))
+            refined = layers_refined or None
         else:
             for p in todo:
                 _fit_swap(model, p, cfg, stats.get(p.name) if stats else None)
