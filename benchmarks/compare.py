@@ -146,6 +146,8 @@ def main():
     ap.add_argument("--refine-steps", type=int, default=0,
                     help="Adam steps per decoder layer after the closed-form fit (methods fit, hybrid*, svd*)")
     ap.add_argument("--refine-lr", type=float, default=1e-4)
+    ap.add_argument("--hidden-weight", type=float, default=0.0,
+                    help="add the relative hidden-state error to the recovery loss with this weight (KL keeps weight 1)")
     ap.add_argument("--tag", default="", help="suffix of the result keys (e.g. '+refine'), to merge variants of a method")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", default="docs/results")
@@ -195,12 +197,13 @@ def main():
                     print(f"  {key} step {step}: {curve[-1]}", flush=True)
 
             cfg = gpconv.TrainConfig(max_steps=max(args.steps, 1), batch_size=args.batch_size, lr=args.lr, train=mode,
-                                     warmup_ratio=0.05, save_every=0, progress=False, seed=args.seed)
+                                     warmup_ratio=0.05, save_every=0, progress=False, seed=args.seed,
+                                     hidden_weight=args.hidden_weight)
             t1 = time.time()
             if args.steps > 0:  # --steps 0 measures surgery alone
                 gpconv.distill(student, teacher, train, cfg, callbacks=[every])
             results[key] = {
-                "method": method, "tag": args.tag, "refine_steps": args.refine_steps, "fraction": fraction, "non_embedding": report.after.non_embedding,
+                "method": method, "tag": args.tag, "refine_steps": args.refine_steps, "hidden_weight": args.hidden_weight, "fraction": fraction, "non_embedding": report.after.non_embedding,
                 "kept_fraction": report.kept_fraction, "trained": mode, "surgery_s": surgery_s,
                 "variants": _variant_counts(report),
                 "recovery_s": time.time() - t1, "after_surgery": after, "after_recovery": curve[-1], "curve": curve,

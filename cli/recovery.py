@@ -180,7 +180,7 @@ def distill(
     out: Path = _OUT,
     kl_weight: float = typer.Option(1.0, "--kl-weight", help="a: weight of KL(teacher || student)."),
     ce_weight: float = typer.Option(0.0, "--ce-weight", help="b: weight of the cross-entropy on the data."),
-    hidden_weight: float = typer.Option(0.0, "--hidden-weight", help="c: weight of the per-layer hidden-state MSE."),
+    hidden_weight: float = typer.Option(0.0, "--hidden-weight", help="c: weight of the relative hidden-state error |h_s-h_t|²/|h_t|² (mean over decoder layers)."),
     temperature: float = typer.Option(1.0, "--temperature", help="Softmax temperature of the KL term."),
     train_mode: Optional[str] = _TRAIN,
     fmt: str = _FORMAT, block_size: int = _BLOCK, val_size: Optional[str] = _VAL, seed: int = _SEED,
@@ -192,7 +192,7 @@ def distill(
     log_every: int = _LOG, metrics: str = _METRICS, resume: bool = _RESUME, overwrite: bool = _OVER,
     no_progress: bool = _NOPROG, dtype: str = _DTYPE,
 ):
-    """Distil a shrunk student from its teacher (loss a·KL + b·CE + c·hidden MSE); the teacher stays frozen."""
+    """Distil a shrunk student from its teacher (loss a·KL + b·CE + c·hidden-state error); the teacher stays frozen."""
     import gpconv
 
     cfg = _config(out, train_mode, max_steps, epochs, batch_size, grad_accum, lr, warmup_ratio, weight_decay,

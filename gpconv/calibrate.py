@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .errors import GPConvError
+from .losses import token_relative_error
 
 
 @dataclass
@@ -350,11 +351,12 @@ def _hidden(out):
 
 def refine_layer(layer, dense_layer, cached, dense_cached, calib: Calibration) -> tuple[float, float] | None:
     """Tune the gpconv blocks inside one decoder ``layer`` so that ``layer(shrunk-prefix inputs)``
-    matches ``dense_layer(dense inputs)``: Adam on the mean squared error of the layer's output,
-    on the fit batches. The closed-form fits make each linear map right on its own; this step
+    matches ``dense_layer(dense inputs)``: Adam on the layer output's error relative to the dense
+    one, token by token (:func:`gpconv.losses.token_relative_error`), on the fit batches. The closed-form fits make each linear map right on its own; this step
     accounts for what happens between them (attention's softmax, the MLP's gate). The held-out
     batches decide: if their error did not drop, the closed-form weights are put back.
-    Returns the held-out relative error before and after (None: the layer has no blocks)."""
+    Returns the held-out error before and after, as the root of the mean per-token relative
+    squared error (None: the layer has no blocks)."""
     from .layers import is_gpconv_module
 
     params = [p for m in layer.modules() if is_gpconv_module(m) for p in m.parameters()]
@@ -367,13 +369,13 @@ def refine_layer(layer, dense_layer, cached, dense_cached, calib: Calibration) -
     held = held or fit
 
     def error(idx):
-        num = den = 0.0
+        total = count = 0.0
         with torch.no_grad():
             for i in idx:
                 a, k = cached[i]
-                num += float((_hidden(layer(*a, **k)) - targets[i]).float().square().sum())
-                den += float(targets[i].float().square().sum())
-        return (num / max(den, 1e-30)) ** 0.5
+                err = token_relative_error(_hidden(layer(*a, **k)), targets[i])  # (B, T)
+                total, count = total + float(err.sum()), count + err.numel()
+        return (total / max(count, 1)) ** 0.5
 
     before = error(held)
     saved = [p.detach().clone() for p in params]
@@ -387,7 +389,7 @@ def refine_layer(layer, dense_layer, cached, dense_cached, calib: Calibration) -
                 i = fit[step % len(fit)]
                 a, k = cached[i]
                 y = _hidden(layer(*a, **k))
-                loss = (y - targets[i]).float().square().mean() / targets[i].float().square().mean().clamp_min(1e-30)
+                loss = token_relative_error(y, targets[i]).mean()
                 # grads of the blocks only (the rest of the layer may require grad too)
                 for p, g in zip(params, torch.autograd.grad(loss, params)):
                     p.grad = g

@@ -174,7 +174,8 @@ class ShrinkReport:
     layers_kept: list[int] | None = None
     refined: list[dict] | None = None
     """Per decoder layer refined after fitting (``Calibration(refine_steps=...)``): ``layer`` and the
-    held-out relative error of the layer's output against the dense layer ``before`` / ``after``."""
+    held-out error of the layer's output against the dense layer ``before`` / ``after`` (root of the
+    mean per-token relative squared error)."""
 
     # -- summaries ---------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ One optimizer step (the *global batch* is ``batch_size x grad_accum x processes`
 1. :class:`BatchPlan` picks the step's blocks from ``(seed, step)`` alone, so a resumed run
    sees exactly the blocks an uninterrupted one would, and process ``r`` of ``W`` takes its
    slices of the same global batch that one process would take in ``W x grad_accum`` pieces.
-2. Each micro-batch adds ``a*KL + b*CE + c*MSE`` (sums over counted tokens, :mod:`gpconv.losses`)
+2. Each micro-batch adds ``a*KL + b*CE + c*hidden`` (sums over counted tokens, :mod:`gpconv.losses`)
    divided by the counted tokens of the whole global batch, times ``W`` because DDP averages
    gradients over processes. So the gradient is the same for any split of the global batch.
 3. The loss is checked before the update: NaN/inf stops the run, and the weights, like the last
@@ -86,11 +86,13 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     max_grad_norm: float | None = 1.0
 
-    # -- distillation loss: a*KL(teacher||student) at temperature T + b*CE + c*hidden MSE
+    # -- distillation loss: a*KL(teacher||student) at temperature T + b*CE + c*hidden-state error
     kl_weight: float = 1.0
     ce_weight: float = 0.0
     hidden_weight: float = 0.0
-    """Mean over decoder layers of the per-token MSE between hidden states (same widths only)."""
+    """Weight of the relative hidden-state error: per token ``|h_s - h_t|^2 / |h_t|^2``, mean over
+    decoder layers (same depth and width only). Relative, so that one weight suits any model
+    whatever the scale of its activations."""
     temperature: float = 1.0
 
     # -- LoRA (train='lora')
@@ -500,7 +502,7 @@ def _run(student, teacher, train_data, cfg: TrainConfig, val_data, tokenizer, ca
 
     W = acc.num_processes
     weights = (cfg.kl_weight, cfg.ce_weight, cfg.hidden_weight) if teacher is not None else (0.0, 1.0, 0.0)
-    window = torch.zeros(5, dtype=torch.float64)  # objective, kl, ce, mse, counted tokens since the last log
+    window = torch.zeros(5, dtype=torch.float64)  # objective, kl, ce, hidden, counted tokens since the last log
     window_tokens, window_s = 0, 0.0
     last_val = None
     try:
@@ -537,7 +539,7 @@ def _run(student, teacher, train_data, cfg: TrainConfig, val_data, tokenizer, ca
                    "epoch": plan.epoch(step)}
             if step % cfg.log_every == 0 or step == total:
                 n = max(float(window[4]), 1.0)
-                row.update(loss=float(window[0]) / n, kl=float(window[1]) / n, ce=float(window[2]) / n, mse=float(window[3]) / n,
+                row.update(loss=float(window[0]) / n, kl=float(window[1]) / n, ce=float(window[2]) / n, hidden=float(window[3]) / n,
                            tokens_per_s=window_tokens / max(window_s, 1e-9), elapsed_s=train_s, teacher_s=teacher_s)
                 log.log(row)
                 window.zero_()
@@ -573,7 +575,7 @@ def _accumulate(acc, model, teacher, micro, weights, want_hidden: bool, temperat
     """Forward and backward over this process's micro-batches of one step; gradients are left
     accumulated (synchronised across processes on the last micro-batch only).
 
-    Returns the step's summed ``[objective, kl, ce, mse]`` over all processes, the number of
+    Returns the step's summed ``[objective, kl, ce, hidden]`` over all processes, the number of
     counted tokens in the whole global batch, and the seconds spent in the teacher (its forward
     pass and its softmax).
     """
@@ -601,9 +603,9 @@ def _accumulate(acc, model, teacher, micro, weights, want_hidden: bool, temperat
                     teacher_s += time.perf_counter() - t0
                 s = loss_sums(logits, labels, target, hidden, t_hidden)
                 # only weighted terms enter the graph: a 0-weighted term would still cost a backward pass
-                objective = sum(w * term for w, term in zip(weights, (s.kl, s.ce, s.mse)) if w)
+                objective = sum(w * term for w, term in zip(weights, (s.kl, s.ce, s.hidden)) if w)
             acc.backward(objective * scale)
-        sums += torch.stack([objective.detach(), s.kl.detach(), s.ce.detach(), s.mse.detach()]).double()
+        sums += torch.stack([objective.detach(), s.kl.detach(), s.ce.detach(), s.hidden.detach()]).double()
     return acc.reduce(sums, "sum"), n_global, teacher_s
 
 

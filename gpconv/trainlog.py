@@ -9,7 +9,7 @@ import csv
 import json
 from pathlib import Path
 
-COLUMNS = ("step", "split", "epoch", "loss", "kl", "ce", "mse", "perplexity", "accuracy", "lr", "grad_norm",
+COLUMNS = ("step", "split", "epoch", "loss", "kl", "ce", "hidden", "perplexity", "accuracy", "lr", "grad_norm",
            "tokens", "tokens_per_s", "elapsed_s", "teacher_s")
 
 

@@ -165,9 +165,9 @@ def test_hidden_state_loss(data):
     tr, _, _ = data
     student, teacher = _pair()
     res = distill(student, teacher, tr, _cfg(max_steps=4, kl_weight=0.0, hidden_weight=1.0))
-    mse = [r["mse"] for r in res.history if r["split"] == "train"]
-    assert mse[0] > 0 and mse[-1] < mse[0]
-    assert all(r["loss"] == pytest.approx(r["mse"]) for r in res.history if r["split"] == "train")
+    err = [r["hidden"] for r in res.history if r["split"] == "train"]
+    assert err[0] > 0 and err[-1] < err[0]
+    assert all(r["loss"] == pytest.approx(r["hidden"]) for r in res.history if r["split"] == "train")
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(data, tmp_path):
@@ -278,3 +278,27 @@ def test_config_is_validated():
         TrainConfig(kl_weight=0.0)
     with pytest.raises(GPConvError, match="resume needs out_dir"):
         TrainConfig(resume=True)
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_hidden_error_is_relative_per_token_and_scale_free(masked):
+    from gpconv.losses import loss_sums
+
+    torch.manual_seed(0)
+    B, T, H, V, L = 2, 5, 8, 11, 3
+    labels = torch.randint(0, V, (B, T))
+    if masked:
+        labels[:, :3] = -100  # response-only: few counted positions take the sparse route
+    ht = tuple(torch.randn(B, T, H) * (10.0 ** torch.arange(T)).view(1, T, 1) for _ in range(L + 1))  # token scales 1 .. 1e4
+    hs = tuple(h + 0.1 * torch.randn(B, T, H) * h.norm(dim=-1, keepdim=True) / H**0.5 for h in ht)
+    logits = torch.randn(B, T, V)
+    got = loss_sums(logits, labels, None, hs, ht).hidden
+    # by hand: position t counts when label t+1 is not -100
+    keep = torch.zeros(B, T, dtype=torch.bool)
+    keep[:, :-1] = labels[:, 1:] != -100
+    want = sum(((s - t).pow(2).sum(-1) / t.pow(2).sum(-1))[keep].sum() for s, t in zip(hs[1:], ht[1:])) / L
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    # every token weighs alike, whatever its scale: the error is ~0.1^2 per token
+    assert got.item() / int(keep.sum()) == pytest.approx(0.01, rel=0.3)
+    scaled = loss_sums(logits, labels, None, tuple(1e3 * h for h in hs), tuple(1e3 * h for h in ht)).hidden
+    assert scaled.item() == pytest.approx(got.item(), rel=1e-4)
