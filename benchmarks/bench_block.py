@@ -4,6 +4,7 @@
     python benchmarks/bench_block.py --json out.json      # table + JSON
     python benchmarks/bench_block.py --legacy             # also time the previous gather+bmm code
     python benchmarks/bench_block.py --floor              # also time the bare GEMMs (the floor)
+    python benchmarks/bench_block.py --device cuda --dtype bfloat16   # on a GPU (the issue's bf16 check)
 
 For each shape (groups from the paper's rule at --min-channels-per-group), token count, and pass
 (forward = inference under no_grad; forward+backward = training step of one layer), dense and
@@ -52,10 +53,17 @@ def legacy_forward(block: GroupedPointwiseBlock, x: torch.Tensor) -> torch.Tenso
     return y.transpose(0, 1).reshape(-1, block.out_features)  # (g, N, oc) -> (N, out)
 
 
-def _timed(fn, inner: int) -> float:
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # CUDA calls return before the kernels finish
+
+
+def _timed(fn, inner: int, device: torch.device = torch.device("cpu")) -> float:
+    _sync(device)
     t0 = time.perf_counter()
     for _ in range(inner):
         fn()
+    _sync(device)
     return (time.perf_counter() - t0) / inner
 
 
@@ -74,14 +82,15 @@ def _case_fns(module_fn, x, params, dy, backward: bool):
     return run
 
 
-def floor_fn(n: int, n_in: int, n_out: int, g: int, backward: bool, dtype=torch.float32):
+def floor_fn(n: int, n_in: int, n_out: int, g: int, backward: bool, dtype=torch.float32, device="cpu"):
     """The block's batched GEMMs alone, contiguous operands and outputs (see the module notes)."""
     c, oc = n_in // g, n_out // g
-    x, w = torch.randn(g, n, c, dtype=dtype), torch.randn(g, c, oc, dtype=dtype)
-    y = torch.empty(g, n, oc, dtype=dtype)
-    dyc, wt = torch.randn(g, n, oc, dtype=dtype), torch.randn(g, oc, c, dtype=dtype)
-    dx = torch.empty(g, n, c, dtype=dtype)
-    dyt, dw = torch.randn(g, oc, n, dtype=dtype), torch.empty(g, oc, c, dtype=dtype)
+    kw = dict(dtype=dtype, device=device)
+    x, w = torch.randn(g, n, c, **kw), torch.randn(g, c, oc, **kw)
+    y = torch.empty(g, n, oc, **kw)
+    dyc, wt = torch.randn(g, n, oc, **kw), torch.randn(g, oc, c, **kw)
+    dx = torch.empty(g, n, c, **kw)
+    dyt, dw = torch.randn(g, oc, n, **kw), torch.empty(g, oc, c, **kw)
 
     def run():
         for _ in range(2):  # own half, interleaved half
@@ -92,17 +101,18 @@ def floor_fn(n: int, n_in: int, n_out: int, g: int, backward: bool, dtype=torch.
     return run
 
 
-def bench(shapes, tokens, reps: int, mcpg: int, extras=(), dtype=torch.float32) -> list[dict]:
+def bench(shapes, tokens, reps: int, mcpg: int, extras=(), dtype=torch.float32, device="cpu") -> list[dict]:
     rows = []
+    device = torch.device(device)
     for name, n_in, n_out in shapes:
         g = group_count(n_in, n_out, mcpg)
-        dense = nn.Linear(n_in, n_out, bias=False, dtype=dtype)
-        block = GroupedPointwiseBlock(n_in, n_out, g, dtype=dtype)
+        dense = nn.Linear(n_in, n_out, bias=False, dtype=dtype, device=device)
+        block = GroupedPointwiseBlock(n_in, n_out, g, dtype=dtype).to(device)
         param_ratio = sum(p.numel() for p in block.parameters()) / sum(p.numel() for p in dense.parameters())
         for n in tokens:
             for backward in (False, True):
-                x = torch.randn(n, n_in, dtype=dtype, requires_grad=backward)
-                dy = torch.randn(n, n_out, dtype=dtype)
+                x = torch.randn(n, n_in, dtype=dtype, device=device, requires_grad=backward)
+                dy = torch.randn(n, n_out, dtype=dtype, device=device)
                 impls = {
                     "dense": _case_fns(dense, x, list(dense.parameters()), dy, backward),
                     "grouped": _case_fns(block, x, list(block.parameters()), dy, backward),
@@ -110,16 +120,16 @@ def bench(shapes, tokens, reps: int, mcpg: int, extras=(), dtype=torch.float32) 
                 if "legacy" in extras:
                     impls["legacy"] = _case_fns(lambda t: legacy_forward(block, t), x, list(block.parameters()), dy, backward)
                 if "floor" in extras:
-                    impls["floor"] = floor_fn(n, n_in, n_out, g, backward, dtype)
+                    impls["floor"] = floor_fn(n, n_in, n_out, g, backward, dtype, device)
                 # calls per sample: enough that one sample is >= ~20 ms (1-token calls are short)
                 for fn in impls.values():
                     fn()  # warm-up (allocations, MKL handles)
-                probe = _timed(impls["grouped"], 1)
+                probe = _timed(impls["grouped"], 1, device)
                 inner = max(1, min(2000, int(0.02 / max(probe, 1e-7))))
                 samples = {k: [] for k in impls}
                 for _ in range(reps):
                     for k, fn in impls.items():  # interleaved: load affects all sides alike
-                        samples[k].append(_timed(fn, inner))
+                        samples[k].append(_timed(fn, inner, device))
                 med = {k: statistics.median(v) for k, v in samples.items()}
                 best = {k: min(v) for k, v in samples.items()}
                 row = dict(
@@ -157,11 +167,13 @@ def _fmt_row(r: dict, extras) -> str:
     return s
 
 
-def machine() -> dict:
+def machine(device: str = "cpu") -> dict:
     info = dict(
         python=platform.python_version(), torch=torch.__version__, platform=platform.platform(),
-        threads=torch.get_num_threads(), cpus=os.cpu_count(),
+        threads=torch.get_num_threads(), cpus=os.cpu_count(), device=device,
     )
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
@@ -189,23 +201,29 @@ def main(argv=None) -> int:
     ap.add_argument("--legacy", action="store_true", help="also time the previous code (gather + bmm + transpose; today's small-N path)")
     ap.add_argument("--floor", action="store_true",
                     help="also time the block's batched GEMMs alone on contiguous operands (the floor for this design)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--json", default=None, help="write rows + machine info to this file")
     args = ap.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        print("bench_block: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
     shapes = [s for s in PHI3_SHAPES if args.layers is None or s[0] in args.layers]
     torch.manual_seed(0)
-    info = machine()
+    info = machine(args.device)
     load_before = loadavg()
-    print(f"# {info.get('cpu', '?')}, torch {info['torch']}, threads {info['threads']}, loadavg {load_before}")
+    print(f"# {info.get('gpu', info.get('cpu', '?'))}, {args.dtype}, torch {info['torch']}, threads {info['threads']}, loadavg {load_before}")
     extras = [k for k in ("legacy", "floor") if getattr(args, k)]
     print(_header(extras))
-    rows = bench(shapes, args.tokens, args.reps, args.min_channels_per_group, extras)
+    rows = bench(shapes, args.tokens, args.reps, args.min_channels_per_group, extras, dtype, args.device)
     load_after = loadavg()
     print(f"# loadavg after: {load_after}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(machine=info, loadavg_before=load_before, loadavg_after=load_after,
+            json.dump(dict(machine=info, dtype=args.dtype, loadavg_before=load_before, loadavg_after=load_after,
                            command=" ".join([os.path.basename(sys.executable)] + sys.argv), rows=rows), f, indent=2)
     return 0
 

@@ -150,6 +150,8 @@ def main():
                     help="add the relative hidden-state error to the recovery loss with this weight (KL keeps weight 1)")
     ap.add_argument("--tag", default="", help="suffix of the result keys (e.g. '+refine'), to merge variants of a method")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", default="cpu",
+                    help="where the teacher, surgery and evaluation run (cuda: training uses bf16 autocast, gpconv's default there)")
     ap.add_argument("--out", default="docs/results")
     ap.add_argument("--merge", nargs="+", default=None, metavar="DIR",
                     help="only merge the results.json of runs made in parallel (one per fraction) into --out")
@@ -165,7 +167,7 @@ def main():
     results = json.loads(result_file.read_text()) if result_file.is_file() else {}
 
     teacher, tok = gpconv.load_model(args.model)
-    teacher.requires_grad_(False)
+    teacher.requires_grad_(False).to(args.device)
     data = load_data(tok, args.block_size, args.eval_blocks, args.calib_blocks, args.alpaca, args.wikitext)
     sets, train, calib_batches = data["sets"], data["train"], data["calib_batches"]
     teacher_ppl = perplexities(teacher, sets)
@@ -173,7 +175,8 @@ def main():
     print(f"teacher: {base.non_embedding:,} non-embedding params, ppl {teacher_ppl}", flush=True)
     results["_meta"] = {
         "model": args.model, "teacher_perplexity": teacher_ppl, "teacher_non_embedding": base.non_embedding,
-        "command": "python " + " ".join(sys.argv), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "command": "python " + " ".join(sys.argv), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads"
+        + (f", {torch.cuda.get_device_name()}" if args.device.startswith("cuda") else ""),
         "train_blocks": len(train), "tokens_per_step": args.batch_size * args.block_size,
     }
 
