@@ -22,6 +22,8 @@ Methods (``--methods``):
   svd      activation-aware (whitened) truncated SVD, uniform rank fraction, fitted as `fit`
   svd-budget  the same SVD, ranks chosen per layer by gpconv's budget solver (--target-params)
   depth    depth pruning: keep the decoder layers that change the hidden state most (all weights train)
+  depth-svd  both: keep round(sqrt(fraction) * layers) layers as `depth` does, and give them whitened
+           SVD at the rank fraction that lands on the target, fitted as `fit` (all weights train)
   scratch  the io student's shape with every weight random (all weights train)
 
 Data (``../shared/data``, read by the script, not by the tests): Alpaca rows 0-999 calibrate,
@@ -34,6 +36,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import platform
 import sys
 import time
@@ -47,7 +50,8 @@ from gpconv.calibrate import Calibration
 from gpconv.data import Rows, build_datasets, load_rows
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-METHODS = ("random", "project", "fit", "hybrid", "hybrid-permute", "hybrid-fixed", "svd", "svd-budget", "depth", "scratch")
+METHODS = ("random", "project", "fit", "hybrid", "hybrid-permute", "hybrid-fixed", "svd", "svd-budget", "depth", "depth-svd",
+           "scratch")
 
 
 def io_uniform(fraction: float, hidden: int, intermediate: int, **kw) -> GPConvConfig:
@@ -93,6 +97,12 @@ def build_student(method, teacher, fraction, calib_batches, ridge, refine_steps=
         n = max(1, round(fraction * cfg.num_hidden_layers))
         rep = shrink(student, GPConvConfig(num_layers=n, layer_selection="importance", target_modules=["none"]),
                      calibration=Calibration(calib_batches))
+        return student, rep, "all"
+    if method == "depth-svd":  # half the reduction (in log terms) from depth, half from whitened SVD
+        n = max(1, round(math.sqrt(fraction) * cfg.num_hidden_layers))
+        rank = fraction * cfg.num_hidden_layers / n
+        rep = shrink(student, GPConvConfig(num_layers=n, layer_selection="importance", variant="lowrank", rank=rank,
+                                           init="fit", ridge=ridge), calibration=seq)
         return student, rep, "all"
     if method == "scratch":
         from transformers import AutoModelForCausalLM

@@ -352,8 +352,9 @@ def _hidden(out):
 def refine_layer(layer, dense_layer, cached, dense_cached, calib: Calibration) -> tuple[float, float] | None:
     """Tune the gpconv blocks inside one decoder ``layer`` so that ``layer(shrunk-prefix inputs)``
     matches ``dense_layer(dense inputs)``: Adam on the layer output's error relative to the dense
-    one, token by token (:func:`gpconv.losses.token_relative_error`), on the fit batches. The closed-form fits make each linear map right on its own; this step
-    accounts for what happens between them (attention's softmax, the MLP's gate). The held-out
+    one, token by token (:func:`gpconv.losses.token_relative_error`), on the fit batches. The
+    closed-form fits make each linear map right on its own; this step accounts for what happens
+    between them (attention's softmax, the MLP's gate). The held-out
     batches decide: if their error did not drop, the closed-form weights are put back.
     Returns the held-out error before and after, as the root of the mean per-token relative
     squared error (None: the layer has no blocks)."""
