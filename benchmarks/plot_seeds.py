@@ -97,6 +97,7 @@ def main() -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, k in zip(axes, SETS):
@@ -109,6 +110,7 @@ def main() -> None:
             mean = [sum(c[j][k] for c in curves) / len(curves) for j in range(len(tokens))]
             ax.plot(tokens, mean, color=color, lw=2.2, label=f"{name} (mean of {len(seeds)} seeds)")
         ax.set_yscale("log")
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1000:.0f}k"))
         ax.set_xlabel("recovery tokens")
         ax.set_ylabel(f"{k} perplexity")
         ax.grid(alpha=0.3)
