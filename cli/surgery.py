@@ -62,6 +62,7 @@ def shrink(
 ):
     """Replace a model's dense layers by grouped pointwise blocks and save it."""
     import gpconv
+    from gpconv.calibrate import check_refine
     from gpconv.errors import GPConvError
     from gpconv.io import check_output_dir
 
@@ -71,8 +72,8 @@ def shrink(
                   measure_options=measure_options or None)
     if sequential and calibration_data is None:
         raise GPConvError("--sequential needs --calibration-data")
-    if refine_steps and not sequential:
-        raise GPConvError("--refine-steps needs --sequential (each layer is refined on the shrunk prefix's outputs)")
+    check_refine(refine_steps, refine_lr, sequential,
+                 ("--refine-steps", "--refine-lr", "--sequential (each layer is refined on the shrunk prefix's outputs)"))
     if dry_run:
         m, _ = gpconv.load_model(model, meta=True)
         report = gpconv.shrink(m, cfg, dry_run=True, model_name=model)

@@ -96,16 +96,19 @@ class Calibration:
         return self.holdout_every > 0 and i % self.holdout_every == self.holdout_every - 1
 
 
-def check_refine(steps, lr, sequential: bool, where: str = "",
-                 sequential_name: str = "sequential calibration (the layer's inputs come from the shrunk prefix)"):
-    """Refuse bad refinement settings, in :class:`Calibration` and before a recipe runs.
-    ``where`` prefixes the key names (a recipe passes ``"surgery.calibration."``)."""
+def check_refine(steps, lr, sequential: bool,
+                 names: tuple[str, str, str] = ("refine_steps", "refine_lr", "sequential calibration (the layer's "
+                                                "inputs come from the shrunk prefix)")):
+    """Refuse bad refinement settings: in :class:`Calibration`, and before any work in a recipe
+    and on the command line. ``names``: how the caller spells the steps, the learning rate and
+    the sequential switch in its messages (a recipe's keys, the CLI's flags)."""
+    steps_name, lr_name, sequential_name = names
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
-        raise GPConvError(f"{where}refine_steps must be a non-negative integer, got {steps!r}")
+        raise GPConvError(f"{steps_name} must be a non-negative integer, got {steps!r}")
     if not isinstance(lr, (int, float)) or isinstance(lr, bool) or lr <= 0:
-        raise GPConvError(f"{where}refine_lr must be a positive number, got {lr!r}")
+        raise GPConvError(f"{lr_name} must be a positive number, got {lr!r}")
     if steps and not sequential:
-        raise GPConvError(f"{where}refine_steps needs {sequential_name}")
+        raise GPConvError(f"{steps_name} needs {sequential_name}")
 
 
 def token_batches(tokenizer, texts: Iterable[str], block_size: int = 256, num_blocks: int = 32, batch_size: int = 4):

@@ -331,8 +331,9 @@ def resolve(raw: dict, name: str = "recipe") -> dict:
             from .calibrate import check_refine
 
             c = surgery["calibration"]
-            check_refine(c["refine_steps"], c["refine_lr"], c["sequential"], "recipe key surgery.calibration.",
-                         "surgery.calibration.sequential: true")
+            key = "recipe key surgery.calibration."
+            check_refine(c["refine_steps"], c["refine_lr"], c["sequential"],
+                         (key + "refine_steps", key + "refine_lr", "surgery.calibration.sequential: true"))
     r["surgery"] = surgery
 
     data = _section(raw.get("data"), "data", DATA, nullable=True)
