@@ -158,6 +158,11 @@ def main():
     ap.add_argument("--refine-lr", type=float, default=1e-4)
     ap.add_argument("--hidden-weight", type=float, default=0.0,
                     help="add the relative hidden-state error to the recovery loss with this weight (KL keeps weight 1)")
+    ap.add_argument("--teacher-top-k", type=int, default=0,
+                    help="distil on the teacher's top-k tokens + a rest bucket, cached per block and shared by every "
+                         "method of this run (0: the exact KL, the teacher run on every block)")
+    ap.add_argument("--teacher-cache", default=None, metavar="DIR",
+                    help="with --teacher-top-k: read the cache from DIR if it is there, and write it back after each method")
     ap.add_argument("--tag", default="", help="suffix of the result keys (e.g. '+refine'), to merge variants of a method")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu",
@@ -181,6 +186,15 @@ def main():
     data = load_data(tok, args.block_size, args.eval_blocks, args.calib_blocks, args.alpaca, args.wikitext)
     sets, train, calib_batches = data["sets"], data["train"], data["calib_batches"]
     teacher_ppl = perplexities(teacher, sets)
+    source = teacher  # what distillation reads the teacher from
+    if args.teacher_top_k:
+        cache_dir = Path(args.teacher_cache) if args.teacher_cache else None
+        if cache_dir is not None and cache_dir.exists():
+            source = gpconv.TeacherCache.load(cache_dir, teacher=teacher)
+            if source.top_k != args.teacher_top_k:
+                sys.exit(f"--teacher-top-k {args.teacher_top_k}, but {cache_dir} keeps the top {source.top_k}")
+        else:
+            source = gpconv.TeacherCache(teacher, top_k=args.teacher_top_k)
     base = count_parameters(teacher)
     print(f"teacher: {base.non_embedding:,} non-embedding params, ppl {teacher_ppl}", flush=True)
     results["_meta"] = {
@@ -213,10 +227,15 @@ def main():
                                      warmup_ratio=0.05, save_every=0, progress=False, seed=args.seed,
                                      hidden_weight=args.hidden_weight)
             t1 = time.time()
+            res = None
             if args.steps > 0:  # --steps 0 measures surgery alone
-                gpconv.distill(student, teacher, train, cfg, callbacks=[every])
+                res = gpconv.distill(student, source, train, cfg, callbacks=[every])
+                if args.teacher_top_k and args.teacher_cache:
+                    source.save(args.teacher_cache)
             results[key] = {
-                "method": method, "tag": args.tag, "refine_steps": args.refine_steps, "hidden_weight": args.hidden_weight, "fraction": fraction, "non_embedding": report.after.non_embedding,
+                "method": method, "tag": args.tag, "refine_steps": args.refine_steps, "hidden_weight": args.hidden_weight,
+                "teacher_top_k": args.teacher_top_k, "train_s": res and res.train_s, "teacher_s": res and res.teacher_s,
+                "fraction": fraction, "non_embedding": report.after.non_embedding,
                 "kept_fraction": report.kept_fraction, "trained": mode, "surgery_s": surgery_s,
                 "variants": _variant_counts(report),
                 "recovery_s": time.time() - t1, "after_surgery": after, "after_recovery": curve[-1], "curve": curve,

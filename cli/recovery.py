@@ -182,6 +182,8 @@ def distill(
     ce_weight: float = typer.Option(0.0, "--ce-weight", help="b: weight of the cross-entropy on the data."),
     hidden_weight: float = typer.Option(0.0, "--hidden-weight", help="c: weight of the relative hidden-state error |h_s-h_t|²/|h_t|² (mean over decoder layers)."),
     temperature: float = typer.Option(1.0, "--temperature", help="Softmax temperature of the KL term."),
+    teacher_top_k: int = typer.Option(0, "--teacher-top-k", help="KL on the teacher's top-k tokens + one bucket for the rest, each block's computed once and cached (0: the whole vocabulary, the teacher runs on every block)."),
+    teacher_cache: Optional[Path] = typer.Option(None, "--teacher-cache", help="Directory of a teacher cache: read it if it exists (no teacher loaded when it holds every training block), and save it, with the blocks this run added, at the end. Needs --teacher-top-k to start a new one."),
     train_mode: Optional[str] = _TRAIN,
     fmt: str = _FORMAT, block_size: int = _BLOCK, val_size: Optional[str] = _VAL, seed: int = _SEED,
     response_only: bool = _RESP, max_samples: Optional[int] = _MAXS, pack: bool = _PACK, streaming: Optional[bool] = _STREAM,
@@ -198,14 +200,64 @@ def distill(
     cfg = _config(out, train_mode, max_steps, epochs, batch_size, grad_accum, lr, warmup_ratio, weight_decay,
                   max_grad_norm, lora_r, lora_alpha, precision, gradient_checkpointing, save_every, keep_checkpoints,
                   eval_every, eval_batches, log_every, metrics, resume, overwrite, no_progress, seed,
-                  kl_weight=kl_weight, ce_weight=ce_weight, hidden_weight=hidden_weight, temperature=temperature)
+                  kl_weight=kl_weight, ce_weight=ce_weight, hidden_weight=hidden_weight, temperature=temperature,
+                  teacher_top_k=teacher_top_k)
     rows = _rows(data, fmt, val_size, max_samples, streaming, cfg)
-    t_model, t_tok = gpconv.load_model(teacher, dtype=dtype)
+    cache = _open_teacher_cache(teacher_cache, cfg)
     s_model, s_tok = _load(student, dtype)
+    if cache is not None and s_tok is not None:
+        train, val = _datasets(s_tok, rows, fmt, block_size, val_size, seed, response_only, pack)
+        if cache.covers(train):
+            typer.echo(f"teacher cache {teacher_cache} holds all {len(train):,} training blocks: the teacher is not loaded")
+            res = gpconv.distill(s_model, cache, train, cfg, val_data=val, tokenizer=s_tok)
+            _finish_teacher_cache(cache, teacher_cache)
+            _summary(res)
+            return
+    t_model, t_tok = gpconv.load_model(teacher, dtype=dtype)
     tok = s_tok or t_tok
     train, val = _datasets(tok, rows, fmt, block_size, val_size, seed, response_only, pack)
-    res = gpconv.distill(s_model, t_model, train, cfg, val_data=val, tokenizer=tok, teacher_tokenizer=t_tok)
+    if cache is not None:
+        cache.check_teacher(t_model)
+    elif teacher_top_k:
+        cache = gpconv.TeacherCache(t_model, teacher_top_k, temperature)
+    res = gpconv.distill(s_model, t_model if cache is None else cache, train, cfg, val_data=val, tokenizer=tok, teacher_tokenizer=t_tok)
+    _finish_teacher_cache(cache, teacher_cache)
     _summary(res)
+
+
+def _open_teacher_cache(path: Optional[Path], cfg):
+    """The teacher cache at ``path`` when it exists (checked against the run's settings before any
+    model loads), else None; refuses settings that cannot make or use one."""
+    import gpconv
+    from gpconv.errors import GPConvError
+
+    if path is None:
+        return None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise GPConvError("--teacher-cache needs a single process (each process would cache only its own blocks); "
+                          "--teacher-top-k alone works with several")
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())):
+        if not cfg.teacher_top_k:
+            raise GPConvError(f"teacher cache {path} does not exist; give --teacher-top-k to start one there")
+        return None
+    cache = gpconv.TeacherCache.load(path)
+    if cfg.teacher_top_k and cfg.teacher_top_k != cache.top_k:
+        raise GPConvError(f"--teacher-top-k {cfg.teacher_top_k}, but the teacher cache {path} keeps the top {cache.top_k}")
+    if cfg.temperature != cache.temperature:
+        raise GPConvError(f"--temperature {cfg.temperature}, but the teacher cache {path} was made at {cache.temperature}")
+    if cfg.hidden_weight > 0:
+        raise GPConvError("a teacher cache keeps next-token distributions only: no --hidden-weight with --teacher-cache")
+    return cache
+
+
+def _finish_teacher_cache(cache, path: Optional[Path]) -> None:
+    if cache is None or not _main_process():
+        return
+    line = f"teacher cache: {len(cache):,} blocks, {cache.hits:,} lookups served from it, {cache.misses:,} computed"
+    if path is not None:
+        cache.save(path, overwrite=True)
+        line += f"; saved to {path}"
+    typer.echo(line)
 
 
 @app.command(

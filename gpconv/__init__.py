@@ -17,6 +17,7 @@ from .surgery import GPConvConfig, shrink
 from .io import densify, from_pretrained, load_into, save_pretrained
 from .models import load_model
 from .data import StreamingBlocks, TokenBlocks, build_datasets
+from .teacher_cache import TeacherCache
 from .training import TrainConfig, TrainingDiverged, TrainResult, distill, train
 from .evaluation import compare, evaluate, generate
 
@@ -41,6 +42,7 @@ __all__ = [
     "shrink",
     # recovery
     "StreamingBlocks",
+    "TeacherCache",
     "TokenBlocks",
     "TrainConfig",
     "TrainResult",

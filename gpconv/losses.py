@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import GPConvError
+from .teacher_cache import TopKTargets
 
 
 def model_outputs(model: nn.Module, input_ids: torch.Tensor, hidden: bool = False):
@@ -135,6 +136,19 @@ def teacher_targets(teacher_logits: torch.Tensor, labels: torch.Tensor, temperat
     return TeacherTargets(q, _rowdot(q, logq), temperature)
 
 
+def _topk_cross(teacher: TopKTargets, logp: torch.Tensor) -> torch.Tensor:
+    """Per row ``sum_i q_i log p_i + q_rest log p_rest`` over the teacher's top-k + rest buckets.
+
+    ``p_rest`` (the student's mass outside the teacher's top k) is a logsumexp over the other
+    tokens rather than ``log(1 - sum p_i)``, which loses all precision as the sum nears 1.
+    """
+    cross = (teacher.logq.exp() * logp.gather(1, teacher.index)).sum(-1)  # (N, k) -> (N,)
+    if teacher.index.shape[-1] < logp.shape[-1]:  # at k = V there is no rest (and its logsumexp would be -inf)
+        log_p_rest = torch.logsumexp(logp.scatter(1, teacher.index, float("-inf")), dim=-1)  # (N,)
+        cross = cross + teacher.log_rest.exp() * log_p_rest
+    return cross
+
+
 @dataclass
 class LossSums:
     """Per-step sums over counted positions (divide by their number for per-token values)."""
@@ -149,7 +163,7 @@ class LossSums:
 def loss_sums(
     logits: torch.Tensor,
     labels: torch.Tensor,
-    teacher: TeacherTargets | None = None,
+    teacher: TeacherTargets | TopKTargets | None = None,
     hidden: tuple | None = None,
     teacher_hidden: tuple | None = None,
     accuracy: bool = False,
@@ -168,13 +182,18 @@ def loss_sums(
     if teacher is None:
         ce = F.cross_entropy(flat, pos.targets, ignore_index=-100, reduction="sum")
     else:
-        if teacher.q.shape[-1] != V:
-            raise GPConvError(f"teacher has {teacher.q.shape[-1]} output logits, the student {V}: vocabularies differ")
+        t_vocab = teacher.vocab_size if isinstance(teacher, TopKTargets) else teacher.q.shape[-1]
+        if t_vocab is not None and t_vocab != V:
+            raise GPConvError(f"teacher has {t_vocab} output logits, the student {V}: vocabularies differ")
         T = teacher.temperature
         s = pos.rows(flat)
         logp = F.log_softmax(s if T == 1 else s / T, dim=-1)  # (N, V)
+        if isinstance(teacher, TopKTargets):
+            cross = _topk_cross(teacher, logp)
+        else:
+            cross = _rowdot(teacher.q, logp)
         # T^2 keeps the gradient scale independent of T (Hinton et al., 2015)
-        kl = pos.total(teacher.neg_entropy - _rowdot(teacher.q, logp)) * (T * T)
+        kl = pos.total(teacher.neg_entropy - cross) * (T * T)
         if T == 1:
             ce = -pos.total(logp.gather(1, pos.row_targets()[:, None]).squeeze(1))
         else:

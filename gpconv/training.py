@@ -4,6 +4,8 @@
     cfg = gpconv.TrainConfig(out_dir="kphi3-kd", max_steps=2000, batch_size=8, lr=3e-4)
     gpconv.distill(student, teacher, train, cfg, val_data=val, tokenizer=tok)   # KD
     gpconv.train(model, train, cfg, val_data=val, tokenizer=tok)                # cross-entropy
+    cache = gpconv.TeacherCache(teacher, top_k=64)                               # KD on the teacher's top 64,
+    gpconv.distill(student, cache, train, cfg)                                   # each block's computed once
 
 The student is any causal-LM-like ``nn.Module``: a transformers model, or a module whose
 forward takes ``(B, T)`` ids and returns logits (or an output with ``.logits``). It is trained
@@ -47,6 +49,7 @@ from .evaluation import eval_sums, metrics_from_sums
 from .io import PLAN_FILE, check_output_dir, save_pretrained
 from .layers import is_gpconv_module
 from .losses import is_transformers, loss_sums, model_outputs, teacher_targets, unwrap
+from .teacher_cache import TeacherCache
 from .trainlog import MetricsLog, Progress, plot_losses
 
 TRAIN_MODES = ("grouped", "all", "lora")
@@ -94,6 +97,10 @@ class TrainConfig:
     decoder layers (same depth and width only). Relative, so that one weight suits any model
     whatever the scale of its activations."""
     temperature: float = 1.0
+    teacher_top_k: int = 0
+    """Distil against the teacher's top-k next tokens + one bucket for the rest, cached per block
+    (:class:`gpconv.TeacherCache`), so that a block seen again costs no teacher forward. 0: the
+    exact KL over the whole vocabulary, the teacher run on every block."""
 
     # -- LoRA (train='lora')
     lora_r: int = 16
@@ -141,6 +148,8 @@ class TrainConfig:
             raise GPConvError(f"lr must be > 0, got {self.lr}")
         if min(self.kl_weight, self.ce_weight, self.hidden_weight) < 0 or self.kl_weight + self.ce_weight + self.hidden_weight == 0:
             raise GPConvError("loss weights must be >= 0 and not all 0")
+        if self.teacher_top_k < 0:
+            raise GPConvError(f"teacher_top_k must be >= 0 (0: the whole vocabulary), got {self.teacher_top_k}")
         if self.temperature <= 0:
             raise GPConvError(f"temperature must be > 0, got {self.temperature}")
         if self.resume and self.overwrite:
@@ -181,14 +190,19 @@ def distill(student: nn.Module, teacher: nn.Module, train_data, config: TrainCon
             tokenizer=None, teacher_tokenizer=None, callbacks: Sequence[Callable[[int, dict], None]] = ()) -> TrainResult:
     """Train ``student`` to match ``teacher`` (frozen, eval mode, no grad) on ``train_data``.
 
+    ``teacher`` is a model, or a :class:`gpconv.TeacherCache` (the teacher's top-k per block,
+    filled as training meets new blocks, reusable by later runs on the same data).
+
     ``train_data`` / ``val_data``: blocks from :func:`gpconv.build_datasets` or an
     ``(n_blocks, block_size)`` id tensor. Passing both tokenizers lets a vocabulary mismatch be
     refused before any work. ``callbacks(step, row)`` run after every optimizer step.
     """
     if teacher is None:
         raise GPConvError("distill needs a teacher model")
+    cfg = config or TrainConfig()
+    teacher = _teacher_source(teacher, cfg)
     _check_vocab(student, teacher, tokenizer, teacher_tokenizer)
-    return _run(student, teacher, train_data, config or TrainConfig(), val_data, tokenizer, callbacks)
+    return _run(student, teacher, train_data, cfg, val_data, tokenizer, callbacks)
 
 
 def train(model: nn.Module, train_data, config: TrainConfig | None = None, val_data=None, *,
@@ -210,13 +224,27 @@ def _out_features(model: nn.Module) -> int | None:
     return None if w is None else w.shape[0]
 
 
+def _teacher_source(teacher, cfg: TrainConfig):
+    """The teacher model, or a :class:`TeacherCache` (given, or made here for ``teacher_top_k``)."""
+    if (cfg.teacher_top_k or isinstance(teacher, TeacherCache)) and cfg.hidden_weight > 0:
+        raise GPConvError("a teacher cache keeps next-token distributions only: no hidden-state loss with it (hidden_weight 0)")
+    if not isinstance(teacher, TeacherCache):
+        return TeacherCache(teacher, cfg.teacher_top_k, cfg.temperature) if cfg.teacher_top_k else teacher
+    if cfg.teacher_top_k and cfg.teacher_top_k != teacher.top_k:
+        raise GPConvError(f"teacher_top_k is {cfg.teacher_top_k} but the teacher cache keeps the top {teacher.top_k}")
+    if cfg.temperature != teacher.temperature:
+        raise GPConvError(f"the teacher cache was made at temperature {teacher.temperature}, the run asks for {cfg.temperature}")
+    return teacher
+
+
 def _check_vocab(student, teacher, tok, teacher_tok) -> None:
     if tok is not None and teacher_tok is not None and tok.get_vocab() != teacher_tok.get_vocab():
         raise GPConvError(
             f"teacher and student tokenizers differ ({len(teacher_tok)} vs {len(tok)} tokens); "
             "distillation compares next-token distributions, so both need the same vocabulary"
         )
-    vs, vt = _out_features(student), _out_features(teacher)
+    vs = _out_features(student)
+    vt = teacher.vocab_size if isinstance(teacher, TeacherCache) else _out_features(teacher)
     if vs is not None and vt is not None and vs != vt:
         raise GPConvError(f"teacher predicts {vt} tokens, the student {vs}: distillation needs the same vocabulary")
 
@@ -452,9 +480,10 @@ def _run(student, teacher, train_data, cfg: TrainConfig, val_data, tokenizer, ca
     if cfg.gradient_checkpointing:
         _enable_checkpointing(model)
     model.train()
-    if teacher is not None:
-        teacher.eval().requires_grad_(False)
-        teacher.to(acc.device)
+    live = teacher.teacher if isinstance(teacher, TeacherCache) else teacher  # the model, if any
+    if live is not None:
+        live.eval().requires_grad_(False)
+        live.to(acc.device)
     want_hidden = teacher is not None and cfg.hidden_weight > 0
     trainable = [p for p in model.parameters() if p.requires_grad]
 
@@ -592,7 +621,11 @@ def _accumulate(acc, model, teacher, micro, weights, want_hidden: bool, temperat
             with acc.autocast():
                 logits, hidden = model_outputs(model, ids, want_hidden)
                 target = t_hidden = None
-                if teacher is not None:  # the teacher's forward and softmax, timed apart
+                if isinstance(teacher, TeacherCache):  # cached top-k (the teacher runs on misses only)
+                    t0 = time.perf_counter()
+                    target = teacher.targets(ids, labels, temperature)
+                    teacher_s += time.perf_counter() - t0
+                elif teacher is not None:  # the teacher's forward and softmax, timed apart
                     t0 = time.perf_counter()
                     with torch.no_grad():
                         t_logits, t_hidden = model_outputs(teacher, ids, want_hidden)

@@ -3,7 +3,7 @@
 import torch
 
 from gpconv.calibrate import Calibration, collect_stats, run_sequential
-from tiny_models import FAMILIES, VOCAB
+from tiny_models import FAMILIES, VOCAB, shrunk_logit_errors
 
 
 def _batches(n=4, seed=0):
@@ -78,19 +78,9 @@ def test_corrected_target_compensates_a_damaged_prefix():
 
 
 def test_sequential_correction_tracks_the_dense_model():
-    import copy
+    from gpconv import GPConvConfig
 
-    from gpconv import GPConvConfig, shrink
-
-    model = FAMILIES["llama"][0]()
-    ids = _batches(1, seed=9)[0]
-    with torch.no_grad():
-        ref = model(ids).logits
-    errs = {}
-    for correct in (False, True):
-        m = copy.deepcopy(model)
-        shrink(m, GPConvConfig(min_channels_per_group=16, init="fit"),
-               calibration=Calibration(_batches(8), sequential=True, correct=correct))
-        with torch.no_grad():
-            errs[correct] = (m(ids).logits - ref).square().mean().item()
+    cfg = GPConvConfig(min_channels_per_group=16, init="fit")
+    errs = shrunk_logit_errors(FAMILIES["llama"][0](), _batches(1, seed=9)[0], {
+        correct: (cfg, Calibration(_batches(8), sequential=True, correct=correct)) for correct in (False, True)})
     assert errs[True] < errs[False]

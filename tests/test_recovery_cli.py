@@ -63,6 +63,35 @@ def test_distill_eval_generate(setup, tmp_path):
     assert "trained 4 steps" in r.output
 
 
+def test_distill_with_a_teacher_cache(setup, tmp_path):
+    d = setup
+    cache = tmp_path / "tc"
+    args = ("--data", d / "data.json", "--max-steps", 2, "--lr", 3e-3, *COMMON)
+    r = run("distill", d / "student", "--teacher", d / "teacher", "--out", tmp_path / "a", "--teacher-top-k", 8,
+            "--teacher-cache", cache, *args)
+    assert r.exit_code == 0, r.output
+    assert "teacher cache: " in r.output and gpconv.TeacherCache.load(cache).top_k == 8
+    n = len(gpconv.TeacherCache.load(cache))
+    # an epoch covers every block: after it the cache holds them all and the teacher is not loaded again
+    r = run("distill", d / "student", "--teacher", d / "teacher", "--out", tmp_path / "b", "--teacher-cache", cache,
+            "--data", d / "data.json", "--epochs", 1, "--lr", 3e-3, *COMMON)
+    assert r.exit_code == 0, r.output
+    full = len(gpconv.TeacherCache.load(cache))
+    assert full > n
+    r = run("distill", d / "student", "--teacher", "not-loaded-so-never-resolved", "--out", tmp_path / "c",
+            "--teacher-cache", cache, *args)
+    assert r.exit_code == 0, r.output
+    assert f"holds all {full} training blocks: the teacher is not loaded" in r.output
+    assert "0 computed" in r.output
+    # settings that disagree with the cache: one line, before any model loads
+    for extra, message in [(("--teacher-top-k", 4), "keeps the top 8"), (("--temperature", 2), "was made at 1.0"),
+                           (("--hidden-weight", 1), "no --hidden-weight")]:
+        r = run("distill", "nope", "--teacher", "nope", "--out", tmp_path / "x", "--teacher-cache", cache, *extra, *args)
+        assert r.exit_code == 2 and message in r.output and r.output.strip().count("\n") == 0, r.output
+    r = run("distill", "nope", "--teacher", "nope", "--out", tmp_path / "x", "--teacher-cache", tmp_path / "new", *args)
+    assert r.exit_code == 2 and "give --teacher-top-k" in r.output
+
+
 def test_train_from_config_file(setup, tmp_path):
     cfg = tmp_path / "config.json"
     tiny_phi3(**SMALL)[0].config.to_json_file(cfg)

@@ -6,14 +6,12 @@ fix, ``refine_steps=0`` is exactly the closed form, and bad settings are refused
 work.
 """
 
-import copy
-
 import pytest
 import torch
 
 from gpconv import GPConvConfig, GPConvError, shrink
 from gpconv.calibrate import Calibration
-from tiny_models import FAMILIES, MCPG, VOCAB
+from tiny_models import FAMILIES, MCPG, VOCAB, shrunk_logit_errors
 
 
 def _batches(n=8, seed=0):
@@ -62,17 +60,9 @@ def test_refinement_without_correction_targets_the_dense_layer_on_shrunk_inputs(
 
 def test_refinement_improves_the_model_output():
     """End to end on held-out ids: closer to the dense model's logits than the closed form."""
-    dense = FAMILIES["llama"][0]()
-    ids = _batches(1, seed=9)[0]
-    with torch.no_grad():
-        ref = dense(ids).logits
-    errs = {}
-    for steps in (0, 60):
-        m = copy.deepcopy(dense)
-        shrink(m, GPConvConfig(min_channels_per_group=MCPG, init="fit"),
-               calibration=Calibration(_batches(), sequential=True, refine_steps=steps, refine_lr=1e-3))
-        with torch.no_grad():
-            errs[steps] = (m(ids).logits - ref).square().mean().item()
+    cfg = GPConvConfig(min_channels_per_group=MCPG, init="fit")
+    errs = shrunk_logit_errors(FAMILIES["llama"][0](), _batches(1, seed=9)[0], {
+        steps: (cfg, Calibration(_batches(), sequential=True, refine_steps=steps, refine_lr=1e-3)) for steps in (0, 60)})
     assert errs[60] < errs[0]
 
 

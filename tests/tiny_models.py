@@ -83,3 +83,24 @@ class TinyMLPLM(nn.Module):
         for b in self.blocks:
             h = h + b["down"](torch.relu(b["up"](h)))
         return self.head(h)
+
+
+def shrunk_logit_errors(dense, ids, settings: dict) -> dict:
+    """Mean squared logit error against ``dense`` on ``ids`` of a shrunk copy per setting.
+
+    ``settings`` maps a label to ``(GPConvConfig, Calibration)``; ``dense`` is left untouched.
+    Tests compare the errors of two settings (e.g. with and without a correction).
+    """
+    import copy
+
+    from gpconv import shrink
+
+    with torch.no_grad():
+        ref = dense(ids).logits
+    errs = {}
+    for label, (config, calibration) in settings.items():
+        m = copy.deepcopy(dense)
+        shrink(m, config, calibration=calibration)
+        with torch.no_grad():
+            errs[label] = (m(ids).logits - ref).square().mean().item()
+    return errs
