@@ -50,7 +50,7 @@ from gpconv.calibrate import Calibration
 from gpconv.data import Rows, build_datasets, load_rows
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-METHODS = ("random", "project", "fit", "hybrid", "hybrid-permute", "hybrid-fixed", "svd", "svd-budget", "depth", "depth-svd",
+METHODS = ("random", "project", "fit", "hybrid", "hybrid-permute", "hybrid-fixed", "svd", "svd-budget", "hybrid-budget", "depth", "depth-svd",
            "scratch")
 
 
@@ -91,6 +91,10 @@ def build_student(method, teacher, fraction, calib_batches, ridge, refine_steps=
         return student, rep, "grouped"
     if method == "svd-budget":
         rep = shrink(student, GPConvConfig(variant="lowrank", init="fit", target_params=fraction,
+                                           min_channels_per_group=16, ridge=ridge), calibration=seq)
+        return student, rep, "grouped"
+    if method == "hybrid-budget":  # the budget solver picks each layer's size, best_split divides it
+        rep = shrink(student, GPConvConfig(variant="hybrid", init="fit", target_params=fraction, permute=True,
                                            min_channels_per_group=16, ridge=ridge), calibration=seq)
         return student, rep, "grouped"
     if method == "depth":
