@@ -97,6 +97,34 @@ def test_topk_kl_is_exact_at_full_vocabulary_and_a_lower_bound_below(masked, tem
     assert got.item() == pytest.approx(want.item(), rel=1e-4)
 
 
+def test_topk_kl_stays_exact_when_the_student_leaves_almost_nothing_outside_the_top_k():
+    """Rows where the student's rest mass is tiny take the exact logsumexp path: value and
+    gradient match a float64 computation of the bucketed KL."""
+    torch.manual_seed(1)
+    B, T, V, k = 2, 5, 17, 4
+    labels = torch.randint(0, V, (B, T))
+    t_logits = torch.randn(B, T, V) * 3
+    top = t_logits.topk(k, -1).indices
+    s_logits = torch.randn(B, T, V)
+    s_logits[0] = s_logits[0].scatter(-1, top[0], 25.0)  # first sequence: rest mass ~e^-25 (the exact path)
+    target = _topk_targets(t_logits, labels, k)
+    got, grad = _kl_and_grad(s_logits, labels, target)
+
+    x = s_logits.double().clone().requires_grad_(True)
+    q = torch.softmax(t_logits.double(), -1).reshape(-1, V)
+    logp = torch.log_softmax(x, -1).reshape(-1, V)
+    idx = top.reshape(-1, k)
+    q_rest = 1 - q.gather(1, idx).sum(1)
+    lp_rest = torch.logsumexp(logp.scatter(1, idx, float("-inf")), -1)
+    kl_rows = (q.gather(1, idx) * (q.gather(1, idx).log() - logp.gather(1, idx))).sum(1) + q_rest * (q_rest.log() - lp_rest)
+    keep = torch.zeros(B, T, dtype=torch.bool)
+    keep[:, :-1] = True
+    want = kl_rows[keep.reshape(-1)].sum()
+    want.backward()
+    assert got.item() == pytest.approx(want.item(), rel=1e-4)
+    assert torch.allclose(grad.double(), x.grad, atol=1e-5)
+
+
 def test_full_vocabulary_cache_trains_exactly_like_the_live_teacher(data):
     tr, va, tok = data
     s_live, teacher = _pair()
