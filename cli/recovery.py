@@ -255,7 +255,7 @@ def _finish_teacher_cache(cache, path: Optional[Path]) -> None:
         return
     line = f"teacher cache: {len(cache):,} blocks, {cache.hits:,} lookups served from it, {cache.misses:,} computed"
     if path is not None:
-        cache.save(path, overwrite=True)
+        cache.save(path)
         line += f"; saved to {path}"
     typer.echo(line)
 

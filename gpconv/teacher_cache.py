@@ -213,15 +213,19 @@ class TeacherCache:
 
     # -- disk ---------------------------------------------------------------------------------
 
-    def save(self, path, overwrite: bool = True) -> Path:
+    def save(self, path) -> Path:
         """Write ``teacher_cache.safetensors`` + ``teacher_cache.json`` to the directory ``path``
-        (written beside it, then renamed into place)."""
+        (written beside it, then renamed into place). An existing teacher cache there is
+        replaced; any other non-empty directory is refused."""
         from safetensors.torch import save_file
 
         from .io import atomic_dir
 
         if not self._row:
             raise GPConvError("the teacher cache is empty: nothing to save")
+        path = Path(path).expanduser()
+        if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / CACHE_META).is_file())):
+            raise GPConvError(f"{path} exists and is not a teacher cache; choose another directory for it")
         digests = torch.frombuffer(bytearray(b"".join(self._row)), dtype=torch.uint8).view(-1, 16)
         order = list(self._row.values())  # dict order == insertion order == storage order
         assert order == list(range(len(order)))
@@ -232,7 +236,7 @@ class TeacherCache:
         meta = {"format_version": FORMAT_VERSION, "top_k": self.top_k, "temperature": self.temperature,
                 "vocab_size": self.vocab_size, "block_size": self.block_size, "teacher": self.teacher_name,
                 "blocks": len(self._row)}
-        with atomic_dir(path, overwrite=overwrite) as tmp:
+        with atomic_dir(path, overwrite=True) as tmp:
             save_file(tensors, str(tmp / CACHE_WEIGHTS))
             (tmp / CACHE_META).write_text(json.dumps(meta, indent=1) + "\n")
         return Path(path)

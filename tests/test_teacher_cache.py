@@ -203,6 +203,11 @@ def test_refusals(data, tmp_path):
     (tmp_path / "tc" / CACHE_WEIGHTS).write_bytes(b"\x00" * 10)  # truncated weights: one clear error, no unpickling
     with pytest.raises(GPConvError, match="cannot read the teacher cache"):
         TeacherCache.load(tmp_path / "tc")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    with pytest.raises(GPConvError, match="not a teacher cache; choose another"):
+        cache.save(tmp_path / "model")  # never replaces a directory that is not a cache
+    assert (tmp_path / "model" / "config.json").read_text() == "{}"
     with pytest.raises(GPConvError, match="empty"):
         TeacherCache(teacher).save(tmp_path / "empty")
     assert not (tmp_path / "empty").exists()
