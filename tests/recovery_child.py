@@ -40,6 +40,7 @@ def main():
     ap.add_argument("--batch-size", type=int, default=2)
     ap.add_argument("--grad-accum", type=int, default=2)
     ap.add_argument("--dropout", type=float, default=0.1)
+    ap.add_argument("--teacher-top-k", type=int, default=0)
     a = ap.parse_args()
 
     teacher, tok = tiny_phi3(seed=1, **SMALL)
@@ -60,7 +61,8 @@ def main():
             time.sleep(3600)
 
     cfg = gpconv.TrainConfig(out_dir=a.out, max_steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
-                             lr=3e-3, save_every=4, log_every=1, resume=a.resume, progress=False)
+                             lr=3e-3, save_every=4, log_every=1, resume=a.resume, progress=False,
+                             teacher_top_k=a.teacher_top_k)
     res = gpconv.distill(student, teacher, train, cfg, val_data=val, tokenizer=tok, teacher_tokenizer=tok,
                          callbacks=[pause] if a.pause_at else [])
     print(f"done steps={res.steps} val_loss={res.val['loss']:.6f}", file=sys.stderr)

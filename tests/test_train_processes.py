@@ -69,12 +69,13 @@ def test_sigkill_then_resume_is_bitwise_identical(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_cpu_processes_match_one(tmp_path):
+@pytest.mark.parametrize("top_k", [0, 8])  # 8: each process fills its own teacher cache
+def test_two_cpu_processes_match_one(tmp_path, top_k):
     one, two = tmp_path / "one", tmp_path / "two"
     # the same global batch of 4 blocks: 1 process x 2 micro-batches of 2, or 2 processes x 1 of 2
-    _run(one, "--batch-size", 2, "--grad-accum", 2, "--dropout", 0)
+    _run(one, "--batch-size", 2, "--grad-accum", 2, "--dropout", 0, "--teacher-top-k", top_k)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", CHILD, str(two),
-           "--batch-size", 2, "--grad-accum", 1, "--dropout", 0]
+           "--batch-size", 2, "--grad-accum", 1, "--dropout", 0, "--teacher-top-k", top_k]
     r = subprocess.run(list(map(str, cmd)), env=_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("done steps=12") == 2  # both ranks finished
