@@ -3,7 +3,8 @@
 What they pin down: on CUDA, in fp32 and bf16, every block variant computes the same map as its
 dense equivalent and as the CPU path; the bf16 grouped-GEMM path (``grouped_mm``, SM >= 8.0)
 matches the gather + ``bmm`` path, forward and gradients; a shrunk model saved from the GPU
-loads back with identical logits; distillation under bf16 autocast lowers the loss.
+loads back with identical logits; distillation under bf16 autocast lowers the loss, also from a
+teacher cache filled on the GPU.
 """
 
 import pytest
@@ -101,3 +102,23 @@ def test_cuda_bf16_training_and_distillation_lower_the_loss():
     res = distill(fresh.cuda(), student, data, cfg)
     kl = [r["loss"] for r in res.history if r["split"] == "train"]
     assert kl[-1] < 0.85 * kl[0]  # only the new blocks train: slower than the CE run above (fp32 CPU: 4.92 -> 3.82)
+
+
+def test_cuda_teacher_cache_under_bf16_autocast():
+    """A cache filled on the GPU (teacher under bf16 autocast) serves every block to a second
+    student without running the teacher, and distilling from it lowers the KL."""
+    data = (torch.arange(32 * 32) % 17).view(32, 32)
+    distinct = len({tuple(r) for r in data.tolist()})
+    teacher = _small(1).cuda()
+    cfg = TrainConfig(max_steps=16, batch_size=4, lr=1e-2, precision="bf16", progress=False, save_every=0, log_every=1)
+    cache = gpconv.TeacherCache(teacher, top_k=8)
+    runs = []
+    for seed in (2, 3):
+        s = _small(seed)
+        shrink(s, GPConvConfig(min_channels_per_group=16, init="project"))
+        runs.append(distill(s.cuda(), cache, data, cfg))
+        if seed == 2:
+            computed = cache.teacher_s
+    assert len(cache) == distinct and cache.teacher_s == computed  # the second student ran no teacher forward
+    kl = [r["loss"] for r in runs[1].history if r["split"] == "train"]
+    assert kl[-1] < kl[0]
