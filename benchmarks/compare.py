@@ -21,6 +21,7 @@ Methods (``--methods``):
            rest of the budget, fitted as `fit` (a grouped share the error-based split would not pick)
   svd      activation-aware (whitened) truncated SVD, uniform rank fraction, fitted as `fit`
   svd-budget  the same SVD, ranks chosen per layer by gpconv's budget solver (--target-params)
+  hybrid-budget  the budget solver sizes each layer, the hybrid split (with permutation) spends it
   depth    depth pruning: keep the decoder layers that change the hidden state most (all weights train)
   depth-svd  both: keep round(sqrt(fraction) * layers) layers as `depth` does, and give them whitened
            SVD at the rank fraction that lands on the target, fitted as `fit` (all weights train)

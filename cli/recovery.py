@@ -205,22 +205,21 @@ def distill(
     rows = _rows(data, fmt, val_size, max_samples, streaming, cfg)
     cache = _open_teacher_cache(teacher_cache, cfg)
     s_model, s_tok = _load(student, dtype)
-    if cache is not None and s_tok is not None:
+    train = val = t_model = t_tok = None
+    if s_tok is not None:  # data first: a cache holding every block makes the teacher unnecessary
         train, val = _datasets(s_tok, rows, fmt, block_size, val_size, seed, response_only, pack)
-        if cache.covers(train):
-            typer.echo(f"teacher cache {teacher_cache} holds all {len(train):,} training blocks: the teacher is not loaded")
-            res = gpconv.distill(s_model, cache, train, cfg, val_data=val, tokenizer=s_tok)
-            _finish_teacher_cache(cache, teacher_cache)
-            _summary(res)
-            return
-    t_model, t_tok = gpconv.load_model(teacher, dtype=dtype)
-    tok = s_tok or t_tok
-    train, val = _datasets(tok, rows, fmt, block_size, val_size, seed, response_only, pack)
-    if cache is not None:
-        cache.check_teacher(t_model)
-    elif teacher_top_k:
-        cache = gpconv.TeacherCache(t_model, teacher_top_k, temperature)
-    res = gpconv.distill(s_model, t_model if cache is None else cache, train, cfg, val_data=val, tokenizer=tok, teacher_tokenizer=t_tok)
+    if cache is not None and train is not None and cache.covers(train):
+        typer.echo(f"teacher cache {teacher_cache} holds all {len(train):,} training blocks: the teacher is not loaded")
+    else:
+        t_model, t_tok = gpconv.load_model(teacher, dtype=dtype)
+        if train is None:  # the student has no tokenizer: the teacher's
+            train, val = _datasets(t_tok, rows, fmt, block_size, val_size, seed, response_only, pack)
+        if cache is not None:
+            cache.check_teacher(t_model)
+        elif teacher_top_k:
+            cache = gpconv.TeacherCache(t_model, teacher_top_k, temperature)
+    res = gpconv.distill(s_model, t_model if cache is None else cache, train, cfg, val_data=val, tokenizer=s_tok or t_tok,
+                         teacher_tokenizer=t_tok)
     _finish_teacher_cache(cache, teacher_cache)
     _summary(res)
 
@@ -230,6 +229,7 @@ def _open_teacher_cache(path: Optional[Path], cfg):
     model loads), else None; refuses settings that cannot make or use one."""
     import gpconv
     from gpconv.errors import GPConvError
+    from gpconv.teacher_cache import check_settings
 
     if path is None:
         return None
@@ -241,12 +241,7 @@ def _open_teacher_cache(path: Optional[Path], cfg):
             raise GPConvError(f"teacher cache {path} does not exist; give --teacher-top-k to start one there")
         return None
     cache = gpconv.TeacherCache.load(path)
-    if cfg.teacher_top_k and cfg.teacher_top_k != cache.top_k:
-        raise GPConvError(f"--teacher-top-k {cfg.teacher_top_k}, but the teacher cache {path} keeps the top {cache.top_k}")
-    if cfg.temperature != cache.temperature:
-        raise GPConvError(f"--temperature {cfg.temperature}, but the teacher cache {path} was made at {cache.temperature}")
-    if cfg.hidden_weight > 0:
-        raise GPConvError("a teacher cache keeps next-token distributions only: no --hidden-weight with --teacher-cache")
+    check_settings(cfg, cache, ("--teacher-top-k", "--temperature", "--hidden-weight"))
     return cache
 
 

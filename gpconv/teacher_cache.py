@@ -79,6 +79,24 @@ def top_k_of(logits: torch.Tensor, k: int, temperature: float = 1.0):
     return idx.to(torch.int32), top, rest
 
 
+def check_settings(cfg, cache: "TeacherCache | None" = None,
+                   names: tuple[str, str, str] = ("teacher_top_k", "temperature", "hidden-state loss (hidden_weight)")) -> None:
+    """Refuse run settings (a :class:`gpconv.TrainConfig`) that a teacher cache cannot serve:
+    a hidden-state loss, and with ``cache`` a different top-k or temperature. ``names``: how the
+    caller spells top-k, the temperature and the hidden-state weight (the API's fields, the CLI's
+    flags), so that the command line can refuse them before any model loads."""
+    k_name, t_name, h_name = names
+    if cfg.hidden_weight > 0:
+        raise GPConvError(f"a teacher cache keeps next-token distributions only: no {h_name} with it")
+    if cache is None:
+        return
+    if cfg.teacher_top_k and cfg.teacher_top_k != cache.top_k:
+        raise GPConvError(f"{k_name} {cfg.teacher_top_k}: the teacher cache keeps the top {cache.top_k}")
+    if cfg.temperature != cache.temperature:
+        raise GPConvError(f"{t_name} {cfg.temperature}: the teacher cache was made at {cache.temperature} "
+                          f"and only serves temperature {cache.temperature}")
+
+
 class TeacherCache:
     """The teacher's top-``k`` next-token distribution per block, filled on first use.
 
@@ -121,9 +139,6 @@ class TeacherCache:
     def __len__(self) -> int:
         return len(self._row)
 
-    def __contains__(self, ids: torch.Tensor) -> bool:
-        return block_digest(ids) in self._row
-
     def covers(self, data) -> bool:
         """Whether every block of ``data`` (token blocks or an id tensor) is cached."""
         from .training import as_train_data
@@ -156,9 +171,7 @@ class TeacherCache:
         if self.vocab_size is not None and logits.shape[-1] != self.vocab_size:
             raise GPConvError(f"the teacher predicts {logits.shape[-1]} tokens, the cache was made for {self.vocab_size}")
         self.vocab_size = logits.shape[-1]
-        idx, logq, rest = (t.cpu() for t in top_k_of(logits, self.top_k, self.temperature))
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        idx, logq, rest = (t.cpu() for t in top_k_of(logits, self.top_k, self.temperature))  # .cpu() waits for the GPU
         self.teacher_s += time.perf_counter() - t0
         if self._probe is None:
             self._probe = ids[0].detach().cpu().clone()
@@ -226,9 +239,8 @@ class TeacherCache:
         path = Path(path).expanduser()
         if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / CACHE_META).is_file())):
             raise GPConvError(f"{path} exists and is not a teacher cache; choose another directory for it")
+        # the dict's keys are in insertion order, which is the order of the stored rows
         digests = torch.frombuffer(bytearray(b"".join(self._row)), dtype=torch.uint8).view(-1, 16)
-        order = list(self._row.values())  # dict order == insertion order == storage order
-        assert order == list(range(len(order)))
         tensors = {"digest": digests, "index": torch.stack(self._index), "logq": torch.stack(self._logq),
                    "log_rest": torch.stack(self._rest)}
         if self._probe is not None:
@@ -287,11 +299,11 @@ class TeacherCache:
         if self.vocab_size is not None and v is not None and v != self.vocab_size:
             raise GPConvError(f"the teacher cache was made for a {self.vocab_size}-token vocabulary, this teacher predicts {v}")
         teacher.eval().requires_grad_(False)
-        if self._probe is not None and block_digest(self._probe) in self._row:
+        r = None if self._probe is None else self._row.get(block_digest(self._probe))
+        if r is not None:
             device = next(teacher.parameters()).device
             logits, _ = model_outputs(teacher, self._probe[None].to(device))  # (1, T, V)
             idx, logq, _ = top_k_of(logits[0], 1, self.temperature)  # (T, 1) each
-            r = self._row[block_digest(self._probe)]
             same_top = (idx[:, 0].cpu() == self._index[r][:, 0]).float().mean().item()
             diff = (logq[:, 0].cpu() - self._logq[r][:, 0]).abs().median().item()
             if same_top < 0.95 or diff > 0.1:

@@ -49,7 +49,7 @@ from .evaluation import eval_sums, metrics_from_sums
 from .io import PLAN_FILE, check_output_dir, save_pretrained
 from .layers import is_gpconv_module
 from .losses import is_transformers, loss_sums, model_outputs, teacher_targets, unwrap
-from .teacher_cache import TeacherCache
+from .teacher_cache import TeacherCache, check_settings
 from .trainlog import MetricsLog, Progress, plot_losses
 
 TRAIN_MODES = ("grouped", "all", "lora")
@@ -226,15 +226,11 @@ def _out_features(model: nn.Module) -> int | None:
 
 def _teacher_source(teacher, cfg: TrainConfig):
     """The teacher model, or a :class:`TeacherCache` (given, or made here for ``teacher_top_k``)."""
-    if (cfg.teacher_top_k or isinstance(teacher, TeacherCache)) and cfg.hidden_weight > 0:
-        raise GPConvError("a teacher cache keeps next-token distributions only: no hidden-state loss with it (hidden_weight 0)")
-    if not isinstance(teacher, TeacherCache):
-        return TeacherCache(teacher, cfg.teacher_top_k, cfg.temperature) if cfg.teacher_top_k else teacher
-    if cfg.teacher_top_k and cfg.teacher_top_k != teacher.top_k:
-        raise GPConvError(f"teacher_top_k is {cfg.teacher_top_k} but the teacher cache keeps the top {teacher.top_k}")
-    if cfg.temperature != teacher.temperature:
-        raise GPConvError(f"the teacher cache was made at temperature {teacher.temperature}, the run asks for {cfg.temperature}")
-    return teacher
+    given = isinstance(teacher, TeacherCache)
+    if not given and not cfg.teacher_top_k:
+        return teacher
+    check_settings(cfg, teacher if given else None)
+    return teacher if given else TeacherCache(teacher, cfg.teacher_top_k, cfg.temperature)
 
 
 def _check_vocab(student, teacher, tok, teacher_tok) -> None:
