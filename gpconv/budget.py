@@ -31,6 +31,12 @@ from .layers import BlockSpec
 LEVELS = (0.5, 0.375, 0.25, 0.1875, 0.125, 0.09375, 0.0625, 0.03125)
 # Group counts tried for grouped options: a geometric ladder keeps the menu short.
 GROUP_LADDER = (4, 8, 16, 32, 64)
+# Narrowest group the grouped part of a hybrid split may use when ``min_channels_per_group`` only
+# sets the layer's budget (``variant="hybrid"`` without ``rank`` or ``target_params``). A grouped
+# part pays, if at all, as a small share (2/g of the layer, g = 32-64) next to the low-rank term
+# (docs/quality.md); limiting it to the budget's own group count left the split a choice between
+# a pure io block and pure low-rank only. 8 channels keep each group's GEMM a real matrix product.
+HYBRID_MIN_CHANNELS = 8
 
 
 def parse_target(value, non_embedding: int) -> int:
@@ -152,11 +158,15 @@ def best_split(n_in: int, n_out: int, bias: bool, source: str, weight: torch.Ten
     """The least-error block of at most ``budget`` weight parameters among: low-rank, io, and
     grouped + low-rank hybrids (one per group count, the rest of the budget as rank).
 
-    Hybrid errors are estimated low-rank first (it takes the head of the spectrum, the grouped
-    part is fitted on what is left); :func:`gpconv.lowrank.init_lowrank_` then refines the winner
-    by alternating, which can only lower its error further. With ``permute`` every grouped option
-    is also scored under :func:`gpconv.init.choose_permutation` (the order ``fit_layer`` would
-    build), and the permuted spec wins where it is better.
+    Hybrid errors are first estimated low-rank first (the low-rank part takes the head of the
+    spectrum, the grouped part is fitted to what is left). The hybrid with the lowest estimate is
+    then scored as :func:`gpconv.lowrank.init_lowrank_` will build it, by alternating the two
+    fits (:func:`gpconv.lowrank.fit_hybrid`), which can only lower its error: the one-pass
+    estimate is loose by about the margins that decide between hybrid and low-rank (1-2% on
+    SmolLM2, docs/quality.md), and refining only the leader keeps the cost at one alternated
+    fit per layer. With ``permute`` every grouped option is also scored under
+    :func:`gpconv.init.choose_permutation` (the order ``fit_layer`` would build), and the
+    permuted spec wins where it is better.
 
     Every option is fitted on ``cov`` and scored on ``cov_eval`` (held-out tokens) when given.
     Scoring on the fitting tokens favours the grouped options: their least-squares fit of
@@ -165,29 +175,42 @@ def best_split(n_in: int, n_out: int, bias: bool, source: str, weight: torch.Ten
     """
     from .init import choose_permutation, fit_io_weight
     from .layers import GroupedPointwiseBlock, io_dense
+    from .lowrank import fit_hybrid
 
     w, c, wh, _, err_of = _error_metric(weight, cov, ridge, cov_eval)
     svd = _whitened_factors(w, wh)
     best = None
+    lead = None  # (estimate, spec, order) of the best hybrid, refined below
     for spec in split_specs(n_in, n_out, budget, min_channels_per_group, bias, source):
         g, r = spec.groups, spec.rank
         if spec.variant == "lowrank":
             candidates = [(spec, err_of(w - svd(r)))]
         else:
             idx = GroupedPointwiseBlock(n_in, n_out, g, device="meta").gather_index("cpu")
+            resid = w - svd(r) if r >= 1 else w
             orders = [(False, idx)]
             if permute:
-                perm = choose_permutation(weight, g, cov).cpu()
+                perm = choose_permutation(resid, g, c).cpu()  # placed by what the grouped part fits
                 orders.append((True, perm[idx]))  # block input x[..., perm]: slot s reads channel perm[s]
-            resid = w - svd(r) if r >= 1 else w
             candidates = []
             for permuted, order in orders:
                 order = order.to(w.device)
                 gw = fit_io_weight(resid, g, order, c, ridge)
-                candidates.append((replace(spec, permuted=permuted), err_of(resid - io_dense(gw, order, n_in))))
+                err = err_of(resid - io_dense(gw, order, n_in))
+                if r >= 1:
+                    if lead is None or err < lead[0]:
+                        lead = (err, replace(spec, permuted=permuted), order)
+                    continue
+                candidates.append((replace(spec, permuted=permuted), err))
         for cand, err in candidates:
             if best is None or err < best.error:
                 best = Option(cand, cand.num_params - (n_out if bias else 0), err)  # weights only
+    if lead is not None:
+        _, spec, order = lead
+        gw, b, a = fit_hybrid(w, spec.groups, spec.rank, order, c, ridge)
+        err = err_of(w - b @ a - io_dense(gw, order, n_in))
+        if best is None or err < best.error:
+            best = Option(spec, spec.num_params - (n_out if bias else 0), err)
     return best
 
 

@@ -32,10 +32,15 @@ def _whitener(cov: torch.Tensor | None, n: int, ridge: float, device) -> tuple[t
 
 
 @torch.no_grad()
-def whitened_svd(weight: torch.Tensor, rank: int, cov: torch.Tensor | None = None, ridge: float = DEFAULT_RIDGE):
-    """Rank-``rank`` factors ``(B (out, r), A (r, in))`` of ``weight`` (out, in), float64."""
+def whitened_svd(weight: torch.Tensor, rank: int, cov: torch.Tensor | None = None, ridge: float = DEFAULT_RIDGE,
+                 whitener=False):
+    """Rank-``rank`` factors ``(B (out, r), A (r, in))`` of ``weight`` (out, in), float64.
+
+    ``whitener``: a precomputed :func:`_whitener` of ``cov`` (callers that factor many matrices
+    against one covariance pass it to skip the Cholesky); by default it is computed here.
+    """
     w = weight.detach().to(torch.float64)
-    wh = _whitener(cov, w.shape[1], ridge, w.device)
+    wh = _whitener(cov, w.shape[1], ridge, w.device) if whitener is False else whitener
     m = w if wh is None else w @ wh[0]
     u, s, vh = torch.linalg.svd(m, full_matrices=False)
     r = min(rank, s.numel())
@@ -51,10 +56,31 @@ def whitened_svd(weight: torch.Tensor, rank: int, cov: torch.Tensor | None = Non
 
 
 @torch.no_grad()
+def fit_hybrid(weight: torch.Tensor, groups: int, rank: int, gather_index: torch.Tensor,
+               cov: torch.Tensor | None = None, ridge: float = DEFAULT_RIDGE, rounds: int = 4):
+    """The hybrid's parts, float64: io weights ``(g, out/g, 2*in/g)`` and factors ``B``, ``A``.
+
+    Alternates exact fits: ``B A`` = whitened SVD of ``W - G``, then ``G`` = io least squares on
+    ``W - B A`` (round one starts from ``G = 0``, i.e. from the SVD baseline).
+    """
+    from .init import fit_io_weight
+    from .layers import io_dense
+
+    w = weight.detach().to(torch.float64)
+    wh = _whitener(cov, w.shape[1], ridge, w.device)  # one Cholesky for every round
+    idx = gather_index.to(w.device)
+    gd = torch.zeros_like(w)
+    for _ in range(rounds):
+        b, a = whitened_svd(w - gd, rank, cov, ridge, whitener=wh)
+        g = fit_io_weight(w - b @ a, groups, idx, cov, ridge)
+        gd = io_dense(g, idx, w.shape[1])
+    return g, b, a
+
+
+@torch.no_grad()
 def init_lowrank_(module, weight: torch.Tensor, cov: torch.Tensor | None = None, ridge: float = DEFAULT_RIDGE, rounds: int = 4):
     """Initialise a :class:`~gpconv.layers.LowRankLinear` or a hybrid block from ``weight``."""
-    from .init import fit_io_weight
-    from .layers import LowRankLinear, io_dense
+    from .layers import LowRankLinear
 
     w = weight.detach().to(torch.float64)
     if isinstance(module, LowRankLinear):
@@ -62,15 +88,7 @@ def init_lowrank_(module, weight: torch.Tensor, cov: torch.Tensor | None = None,
         module.lowrank_b.copy_(b)
         module.lowrank_a.copy_(a)
         return
-    # hybrid: alternate exact fits of the low-rank and the grouped part
-    idx = module.gather_index(w.device)
-    g = torch.zeros(module.groups, module.out_features // module.groups, idx.shape[1], dtype=torch.float64,
-                    device=w.device)
-    gd = torch.zeros_like(w)
-    for _ in range(rounds):
-        b, a = whitened_svd(w - gd, module.rank, cov, ridge)
-        g = fit_io_weight(w - b @ a, module.groups, idx, cov, ridge)
-        gd = io_dense(g, idx, w.shape[1])
+    g, b, a = fit_hybrid(w, module.groups, module.rank, module.gather_index(w.device), cov, ridge, rounds)
     module.weight.copy_(g)
     module.lowrank_b.copy_(b)
     module.lowrank_a.copy_(a)

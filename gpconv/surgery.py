@@ -47,7 +47,10 @@ class GPConvConfig:
     min_channels_per_group_overrides: Mapping[str, int] = field(default_factory=dict)
     """Per-pattern values of ``min_channels_per_group``; the first matching pattern wins."""
     variant: str = "io"
-    """'io' (G1(x) + G2(interleave(x)), the report's default), 'chained', 'hybrid' or 'lowrank'."""
+    """'io' (G1(x) + G2(interleave(x)), the report's default), 'chained', 'hybrid' or 'lowrank'.
+    'hybrid' without ``rank``: each layer gets the io block's budget (at ``min_channels_per_group``)
+    and spends it on the least-error of low-rank, io, or io with g groups + low-rank, g allowed
+    down to ``gpconv.budget.HYBRID_MIN_CHANNELS`` channels per group."""
     init: str = "random"
     """'random' (train from scratch), 'project' (closest in weights) or 'fit' (closest on data)."""
     rank: float | int | None = None
@@ -437,7 +440,7 @@ def _fit_swap(model, p: _Planned, cfg: GPConvConfig, stats) -> None:
     if cfg.measure_options and cfg.init != "random":
         from .budget import option_errors
 
-        p.options = option_errors(new.spec, weight, stats, cfg.min_channels_per_group, cfg.ridge)
+        p.options = option_errors(new.spec, weight, stats, _split_mcpg(cfg, p.name), cfg.ridge)
     p.error = err
     _swap(model, p, new)
 
@@ -453,7 +456,7 @@ def _allocate(model, cfg: GPConvConfig, fresh: list[_Planned], planned, stats, b
     if cfg.target_params is None:  # hybrid split within the io block's budget: no menus needed
         for p in fresh:
             if p.spec is not None:
-                _split(p, _kept(p), cfg, stats, meta)
+                _split(p, _kept(p), cfg, stats, meta, _split_mcpg(cfg, p.name))
         return None
     by_role = meta or cfg.init == "random"  # no per-layer signal: same choice for same-role layers
     menus = {}
@@ -485,12 +488,23 @@ def _allocate(model, cfg: GPConvConfig, fresh: list[_Planned], planned, stats, b
         else:
             p.status, p.reason = "replaced", ""
             if family == "hybrid":  # the solver gave this layer a budget: split it by error
-                _split(p, opt.params, cfg, stats, meta)
+                _split(p, opt.params, cfg, stats, meta, _split_mcpg(cfg, p.name))
     return target
 
 
-def _split(p: _Planned, budget: int, cfg: GPConvConfig, stats, meta: bool) -> None:
-    """Set ``p.spec`` to the least-error grouped / low-rank / hybrid block within ``budget``."""
+def _split_mcpg(cfg: GPConvConfig, name: str) -> int:
+    """The narrowest group a hybrid split of layer ``name`` may use. With ``target_params``,
+    ``min_channels_per_group`` is that limit; without it, it sets the layer's budget (the io
+    block's), and the split's grouped part may go down to ``HYBRID_MIN_CHANNELS`` per group."""
+    from .budget import HYBRID_MIN_CHANNELS
+
+    mcpg = _mcpg(cfg, name)
+    return mcpg if cfg.target_params is not None else min(mcpg, HYBRID_MIN_CHANNELS)
+
+
+def _split(p: _Planned, budget: int, cfg: GPConvConfig, stats, meta: bool, split_mcpg: int) -> None:
+    """Set ``p.spec`` to the least-error grouped / low-rank / hybrid block within ``budget``,
+    grouped parts limited to ``split_mcpg`` channels per group at the narrowest."""
     from .budget import best_split, layer_options
 
     bias = getattr(p.module, "bias", None) is not None
@@ -502,7 +516,7 @@ def _split(p: _Planned, budget: int, cfg: GPConvConfig, stats, meta: bool) -> No
         return
     st = stats[p.name] if stats else None
     best = best_split(p.in_features, p.out_features, bias, p.source, _dense_weight(p.module, p.source),
-                      st.fit if st else None, budget, _mcpg(cfg, p.name), cfg.ridge, cfg.permute,
+                      st.fit if st else None, budget, split_mcpg, cfg.ridge, cfg.permute,
                       cov_eval=st.held_out if st else None)
     if best is not None:
         p.spec = best.spec

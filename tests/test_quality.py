@@ -3,6 +3,7 @@
 import copy
 import itertools
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -64,6 +65,32 @@ def test_permutation_finds_hidden_block_structure_and_is_kept_only_when_better()
     assert relative_error(w2, m2.to_dense()) <= e_plain + 1e-12
 
 
+def test_hybrid_permutation_is_chosen_on_what_the_lowrank_part_leaves():
+    """A strong rank-8 head over a shuffled block-diagonal part: ordering channels by the
+    weight's own energy follows the head, which the low-rank term takes anyway; ordering them by
+    the residual of the rank-8 whitened SVD recovers the hidden groups."""
+    torch.manual_seed(0)
+    n, g, r = 64, 4, 8
+    block = torch.block_diag(*[torch.randn(16, 16) for _ in range(g)])[:, torch.randperm(n)]
+    w = 10 * torch.randn(n, r) @ torch.randn(r, n) + block + 0.01 * torch.randn(n, n)
+    spec = BlockSpec(n, n, "hybrid", g, r, permuted=True)
+
+    def error_with(perm):
+        m = spec.build()
+        m.input_perm.copy_(perm)
+        gpconv.init.init_block_(m, w, None, "project")
+        return relative_error(w, m.to_dense())
+
+    by_weight = error_with(choose_permutation(w, g))
+    by_residual = error_with(choose_permutation(w, g, rank=r))
+    assert by_residual < 0.003 and by_residual < 0.5 * by_weight
+    m, err = fit_layer(BlockSpec(n, n, "hybrid", g, r), w, None, "project", permute=True)
+    assert m.spec.permuted and err == pytest.approx(by_residual)  # fit_layer builds the residual order
+    best = best_split(n, n, False, "linear", w, None, spec.num_params, 8, permute=True)
+    # best_split scores the residual order too (low-rank first, before alternating: a looser estimate)
+    assert best.spec.permuted and best.spec.variant == "hybrid" and best.error < 0.5 * by_weight**2
+
+
 def test_split_finds_block_structure_hidden_by_a_channel_shuffle():
     torch.manual_seed(0)
     n, g = 64, 8
@@ -94,6 +121,22 @@ def test_hybrid_split_is_never_worse_than_lowrank_of_the_same_size():
     m, _ = fit_layer(best.spec, w, None, "fit", st, ridge=1e-6)
     lr, _ = fit_layer(lowrank.spec, w, None, "fit", st, ridge=1e-6)
     assert relative_error(w, m.to_dense(), st.fit) <= relative_error(w, lr.to_dense(), st.fit) + 1e-9
+
+
+@pytest.mark.parametrize("permute", [False, True])
+def test_split_scores_its_hybrid_as_fit_layer_builds_it(permute):
+    """The split's error for its hybrid is the held-out error of the alternated fit that
+    fit_layer builds (not the looser one-pass estimate it ranks hybrids by)."""
+    torch.manual_seed(2)
+    n = 96
+    w = torch.randn(n, 8) @ torch.randn(8, n) + torch.block_diag(*[torch.randn(12, 12) for _ in range(8)])
+    w = w + 0.05 * torch.randn(n, n)
+    st = _correlated_stats(n)
+    best = best_split(n, n, False, "linear", w, st.fit, n * n // 3, 8, ridge=1e-3, permute=permute,
+                      cov_eval=st.held_out)
+    assert best.spec.variant == "hybrid" and best.spec.rank >= 1
+    m, err = fit_layer(replace(best.spec, permuted=False), w, None, "fit", st, ridge=1e-3, permute=permute)
+    assert m.spec == best.spec and err**2 == pytest.approx(best.error, rel=1e-6)
 
 
 def test_split_scores_on_held_out_tokens_not_on_the_fitting_ones():
@@ -197,6 +240,29 @@ def test_hybrid_auto_split_and_reported_errors():
         assert set(m.options) >= {"io-project", "io-fit", "lowrank"}
     md = report.to_markdown()
     assert "io-fit" in md and "rel. err" in md
+
+
+def test_hybrid_split_may_use_narrower_groups_than_its_budget():
+    """min_channels_per_group=32 gives a 128x128 layer the budget of an io block with 4 groups.
+    The layer is a rank-8 head plus 16 diagonal 8x8 blocks: neither pure low-rank nor the 4-group
+    io block holds both, an io block with 16 groups (8 channels each) plus rank 24 does, within
+    the same budget. The split must be allowed to reach it."""
+    from gpconv.budget import HYBRID_MIN_CHANNELS
+
+    torch.manual_seed(0)
+    n = 128
+    w = torch.randn(n, 8) @ torch.randn(8, n) + torch.block_diag(*[torch.randn(8, 8) for _ in range(16)])
+    model = torch.nn.Sequential(torch.nn.Linear(n, n, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(w)
+    report = shrink(model, GPConvConfig(target_modules=["0"], variant="hybrid", init="project", min_channels_per_group=32))
+    spec = model[0].spec
+    assert spec.variant == "hybrid" and spec.groups >= 16 and n // spec.groups >= HYBRID_MIN_CHANNELS
+    assert report.replaced[0].kept_params <= 2 * n * n // 4  # within the 4-group io budget
+    lowrank, _ = fit_layer(BlockSpec(n, n, "lowrank", 1, 2 * n * n // 4 // (2 * n)), w, None, "project")
+    io4, _ = fit_layer(BlockSpec(n, n, "io", 4), w, None, "project")
+    others = min(relative_error(w, lowrank.to_dense()), relative_error(w, io4.to_dense()))
+    assert relative_error(w, model[0].to_dense()) < 0.1 * others
 
 
 def test_sequential_fit_runs_and_is_saved(tmp_path):
