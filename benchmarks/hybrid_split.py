@@ -46,8 +46,9 @@ def options(n_in: int, n_out: int, budget: int, min_channels_per_group: int) -> 
     return {label(s): s for s in split_specs(n_in, n_out, budget, min_channels_per_group)}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def layer_arguments(description: str) -> argparse.ArgumentParser:
+    """The options this script shares with benchmarks/permutation_source.py."""
+    ap = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--data", default=str(SHARED / "alpaca_5000_subset.json"))
     ap.add_argument("--layers", type=int, nargs="+", default=[3, 15, 27], help="decoder layer indices")
@@ -56,19 +57,39 @@ def main() -> None:
     ap.add_argument("--block-size", type=int, default=128)
     ap.add_argument("--min-channels-per-group", type=int, default=8, help="smallest group allowed")
     ap.add_argument("--ridge", type=float, default=0.1)
-    ap.add_argument("--permute", action="store_true", help="also try the channel permutation for grouped options")
     ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-    torch.set_num_threads(1)
+    return ap
 
-    t0 = time.time()
+
+def calibrated_layers(args):
+    """``(model, names, stats)``: the model, the measured layers' names and their calibration
+    statistics from Alpaca rows 0-999 (chat template, ``--calib-blocks`` blocks, a quarter held out)."""
     model, tok = gpconv.load_model(args.model)
     rows = load_rows(args.data)
     calib, _ = build_datasets(Rows(rows.rows[:1000], rows.schema, rows.name), tok, format="chat-template",
                               block_size=args.block_size, val_size=0)
     ids = calib.input_ids[: args.calib_blocks]
     names = [f"model.layers.{i}.{n}" for i in args.layers for n in LAYERS]
-    stats = collect_stats(model, Calibration([ids[i:i + 4] for i in range(0, len(ids), 4)]), names)
+    return model, names, collect_stats(model, Calibration([ids[i:i + 4] for i in range(0, len(ids), 4)]), names)
+
+
+def finish(args, t0: float, results: list) -> None:
+    """Print the wall time and write ``{"meta", "results"}`` to ``--json``."""
+    meta = {"command": "python " + " ".join(sys.argv), "model": args.model, "machine": platform.machine(),
+            "torch": torch.__version__, "wall_s": time.time() - t0}
+    print(f"{meta['wall_s']:.0f} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+
+
+def main() -> None:
+    ap = layer_arguments(__doc__)
+    ap.add_argument("--permute", action="store_true", help="also try the channel permutation for grouped options")
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+
+    t0 = time.time()
+    model, names, stats = calibrated_layers(args)
 
     results = []
     for name in names:
@@ -82,11 +103,7 @@ def main() -> None:
             results.append({"layer": name, "fraction": fraction, "best": best, "errors": errs})
             shown = "  ".join(f"{k} {v:.4f}" for k, v in errs.items())
             print(f"{name} @ {fraction}: best {best} | {shown}", flush=True)
-    meta = {"command": "python " + " ".join(sys.argv), "model": args.model, "machine": platform.machine(),
-            "torch": torch.__version__, "wall_s": time.time() - t0}
-    print(f"{meta['wall_s']:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    finish(args, t0, results)
 
 
 if __name__ == "__main__":

@@ -21,9 +21,6 @@ calibration tokens, next to whitened low-rank of the same size. Data: Alpaca row
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import sys
 import time
 from dataclasses import replace
@@ -31,38 +28,19 @@ from pathlib import Path
 
 import torch
 
-import gpconv
 from gpconv.budget import split_specs
-from gpconv.calibrate import Calibration, collect_stats
-from gpconv.data import Rows, build_datasets, load_rows
 from gpconv.init import choose_permutation, init_block_, relative_error
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
-LAYERS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from hybrid_split import calibrated_layers, finish, layer_arguments  # noqa: E402  (same layers, data, options)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--data", default=str(SHARED / "alpaca_5000_subset.json"))
-    ap.add_argument("--layers", type=int, nargs="+", default=[3, 15, 27], help="decoder layer indices")
-    ap.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.25])
-    ap.add_argument("--calib-blocks", type=int, default=48, help="blocks of --block-size tokens; a quarter held out")
-    ap.add_argument("--block-size", type=int, default=128)
-    ap.add_argument("--min-channels-per-group", type=int, default=8, help="smallest group allowed")
-    ap.add_argument("--ridge", type=float, default=0.1)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
+    args = layer_arguments(__doc__).parse_args()
     torch.set_num_threads(1)
 
     t0 = time.time()
-    model, tok = gpconv.load_model(args.model)
-    rows = load_rows(args.data)
-    calib, _ = build_datasets(Rows(rows.rows[:1000], rows.schema, rows.name), tok, format="chat-template",
-                              block_size=args.block_size, val_size=0)
-    ids = calib.input_ids[: args.calib_blocks]
-    names = [f"model.layers.{i}.{n}" for i in args.layers for n in LAYERS]
-    stats = collect_stats(model, Calibration([ids[i:i + 4] for i in range(0, len(ids), 4)]), names)
+    model, names, stats = calibrated_layers(args)
 
     results = []
     for name in names:
@@ -95,11 +73,7 @@ def main() -> None:
     n = sum(len(r["options"]) for r in results)
     wins = sum(e["residual"] < e["weight"] for r in results for e in r["options"].values())
     print(f"residual order lower than weight order in {wins} of {n} hybrid options")
-    meta = {"command": "python " + " ".join(sys.argv), "model": args.model, "machine": platform.machine(),
-            "torch": torch.__version__, "wall_s": time.time() - t0}
-    print(f"{meta['wall_s']:.0f} s")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    finish(args, t0, results)
 
 
 if __name__ == "__main__":

@@ -207,7 +207,7 @@ def best_split(n_in: int, n_out: int, bias: bool, source: str, weight: torch.Ten
                 best = Option(cand, cand.num_params - (n_out if bias else 0), err)  # weights only
     if lead is not None:
         _, spec, order = lead
-        gw, b, a = fit_hybrid(w, spec.groups, spec.rank, order, c, ridge)
+        gw, b, a = fit_hybrid(w, spec.groups, spec.rank, order, c, ridge, whitener=wh)  # _error_metric's
         err = err_of(w - b @ a - io_dense(gw, order, n_in))
         if best is None or err < best.error:
             best = Option(spec, spec.num_params - (n_out if bias else 0), err)

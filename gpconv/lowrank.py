@@ -57,17 +57,18 @@ def whitened_svd(weight: torch.Tensor, rank: int, cov: torch.Tensor | None = Non
 
 @torch.no_grad()
 def fit_hybrid(weight: torch.Tensor, groups: int, rank: int, gather_index: torch.Tensor,
-               cov: torch.Tensor | None = None, ridge: float = DEFAULT_RIDGE, rounds: int = 4):
+               cov: torch.Tensor | None = None, ridge: float = DEFAULT_RIDGE, rounds: int = 4, whitener=False):
     """The hybrid's parts, float64: io weights ``(g, out/g, 2*in/g)`` and factors ``B``, ``A``.
 
     Alternates exact fits: ``B A`` = whitened SVD of ``W - G``, then ``G`` = io least squares on
-    ``W - B A`` (round one starts from ``G = 0``, i.e. from the SVD baseline).
+    ``W - B A`` (round one starts from ``G = 0``, i.e. from the SVD baseline). ``whitener``: as in
+    :func:`whitened_svd`.
     """
     from .init import fit_io_weight
     from .layers import io_dense
 
     w = weight.detach().to(torch.float64)
-    wh = _whitener(cov, w.shape[1], ridge, w.device)  # one Cholesky for every round
+    wh = _whitener(cov, w.shape[1], ridge, w.device) if whitener is False else whitener  # one for every round
     idx = gather_index.to(w.device)
     gd = torch.zeros_like(w)
     for _ in range(rounds):

@@ -456,7 +456,7 @@ def _allocate(model, cfg: GPConvConfig, fresh: list[_Planned], planned, stats, b
     if cfg.target_params is None:  # hybrid split within the io block's budget: no menus needed
         for p in fresh:
             if p.spec is not None:
-                _split(p, _kept(p), cfg, stats, meta, _split_mcpg(cfg, p.name))
+                _split(p, _kept(p), cfg, stats, meta)
         return None
     by_role = meta or cfg.init == "random"  # no per-layer signal: same choice for same-role layers
     menus = {}
@@ -488,7 +488,7 @@ def _allocate(model, cfg: GPConvConfig, fresh: list[_Planned], planned, stats, b
         else:
             p.status, p.reason = "replaced", ""
             if family == "hybrid":  # the solver gave this layer a budget: split it by error
-                _split(p, opt.params, cfg, stats, meta, _split_mcpg(cfg, p.name))
+                _split(p, opt.params, cfg, stats, meta)
     return target
 
 
@@ -502,9 +502,9 @@ def _split_mcpg(cfg: GPConvConfig, name: str) -> int:
     return mcpg if cfg.target_params is not None else min(mcpg, HYBRID_MIN_CHANNELS)
 
 
-def _split(p: _Planned, budget: int, cfg: GPConvConfig, stats, meta: bool, split_mcpg: int) -> None:
+def _split(p: _Planned, budget: int, cfg: GPConvConfig, stats, meta: bool) -> None:
     """Set ``p.spec`` to the least-error grouped / low-rank / hybrid block within ``budget``,
-    grouped parts limited to ``split_mcpg`` channels per group at the narrowest."""
+    grouped parts no narrower than :func:`_split_mcpg` allows."""
     from .budget import best_split, layer_options
 
     bias = getattr(p.module, "bias", None) is not None
@@ -516,7 +516,7 @@ def _split(p: _Planned, budget: int, cfg: GPConvConfig, stats, meta: bool, split
         return
     st = stats[p.name] if stats else None
     best = best_split(p.in_features, p.out_features, bias, p.source, _dense_weight(p.module, p.source),
-                      st.fit if st else None, budget, split_mcpg, cfg.ridge, cfg.permute,
+                      st.fit if st else None, budget, _split_mcpg(cfg, p.name), cfg.ridge, cfg.permute,
                       cov_eval=st.held_out if st else None)
     if best is not None:
         p.spec = best.spec
