@@ -172,6 +172,12 @@ def main():
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--device", default="cpu",
                     help="where the teacher, surgery and evaluation run (cuda: training uses bf16 autocast, gpconv's default there)")
+    ap.add_argument("--save-students", default=None, metavar="DIR",
+                    help="save each student right after surgery to DIR/<method>@<fraction> (a gpconv checkpoint)")
+    ap.add_argument("--students", default=None, metavar="DIR",
+                    help="take each student from DIR/<method>@<fraction> (saved by --save-students) instead of "
+                         "running the surgery: surgery on one machine, recovery on another. Tensors the checkpoint "
+                         "lacks (an embedding left out to move less data) are the teacher's")
     ap.add_argument("--out", default="docs/results")
     ap.add_argument("--merge", nargs="+", default=None, metavar="DIR",
                     help="only merge the results.json of runs made in parallel (one per fraction) into --out")
@@ -214,19 +220,39 @@ def main():
             key = f"{method}{args.tag}@{fraction}"
             t0 = time.time()
             torch.manual_seed(0)  # `random` draws its init here: the same draws whatever ran before
-            student, report, mode = build_student(method, teacher, fraction, calib_batches, args.ridge,
-                                                  args.refine_steps, args.refine_lr)
+            if args.students:
+                student, report, mode, surgery_s = load_student(Path(args.students) / key, teacher, args.device)
+            else:
+                student, report, mode = build_student(method, teacher, fraction, calib_batches, args.ridge,
+                                                      args.refine_steps, args.refine_lr)
+                surgery_s = time.time() - t0
+                if args.save_students:
+                    save_student(Path(args.save_students) / key, student, report, mode, surgery_s, tok)
             mode = "all" if args.train_all else mode
-            surgery_s = time.time() - t0
             after = perplexities(student, sets)
             curve = [{"step": 0, "tokens": 0, **after}]
             print(f"{key}: kept {report.kept_fraction:.3f}, after surgery {after} ({surgery_s:.0f}s)", flush=True)
+
+            def record(res=None, done=False):
+                """This method's row; written after every evaluation too, so that a run stopped
+                early (a time limit) keeps the curve so far, marked ``complete: false``."""
+                results[key] = {
+                    "method": method, "tag": args.tag, "refine_steps": args.refine_steps,
+                    "hidden_weight": args.hidden_weight, "teacher_top_k": args.teacher_top_k,
+                    "train_s": res and res.train_s, "teacher_s": res and res.teacher_s,
+                    "fraction": fraction, "non_embedding": report.after.non_embedding,
+                    "kept_fraction": report.kept_fraction, "trained": mode, "surgery_s": surgery_s,
+                    "variants": _variant_counts(report), "recovery_s": time.time() - t1, "complete": done,
+                    "after_surgery": after, "after_recovery": curve[-1], "curve": curve,
+                }
+                result_file.write_text(json.dumps(results, indent=1))
 
             def every(step, row, student=student, curve=curve):
                 if step % args.eval_every == 0 or step == args.steps:
                     curve.append({"step": step, "tokens": step * args.batch_size * args.block_size,
                                   **perplexities(student, sets)})
                     print(f"  {key} step {step}: {curve[-1]}", flush=True)
+                    record()
 
             cfg = gpconv.TrainConfig(max_steps=max(args.steps, 1), batch_size=args.batch_size, lr=args.lr, train=mode,
                                      warmup_ratio=0.05, save_every=0, progress=False, seed=args.seed,
@@ -237,17 +263,44 @@ def main():
                 res = gpconv.distill(student, source, train, cfg, callbacks=[every])
                 if args.teacher_top_k and args.teacher_cache:
                     source.save(args.teacher_cache)
-            results[key] = {
-                "method": method, "tag": args.tag, "refine_steps": args.refine_steps, "hidden_weight": args.hidden_weight,
-                "teacher_top_k": args.teacher_top_k, "train_s": res and res.train_s, "teacher_s": res and res.teacher_s,
-                "fraction": fraction, "non_embedding": report.after.non_embedding,
-                "kept_fraction": report.kept_fraction, "trained": mode, "surgery_s": surgery_s,
-                "variants": _variant_counts(report),
-                "recovery_s": time.time() - t1, "after_surgery": after, "after_recovery": curve[-1], "curve": curve,
-            }
-            result_file.write_text(json.dumps(results, indent=1))
+            record(res, done=True)
             del student
     write_outputs(results, out)
+
+
+def save_student(path: Path, student, report, mode: str, surgery_s: float, tok) -> None:
+    """The student as a gpconv checkpoint, plus what its result row needs besides the weights."""
+    gpconv.save_pretrained(student, path, tok, overwrite=True)
+    info = {"mode": mode, "surgery_s": surgery_s, "variants": _variant_counts(report),
+            "non_embedding": report.after.non_embedding, "kept_fraction": report.kept_fraction}
+    (path / "student.json").write_text(json.dumps(info, indent=1))
+
+
+def load_student(path: Path, teacher, device: str):
+    """A student saved by :func:`save_student` (fp32 on ``device``). Tensors its safetensors lack
+    are copied from the teacher, which surgery never changes outside the replaced layers."""
+    from types import SimpleNamespace
+
+    from safetensors import safe_open
+
+    from gpconv.io import _weight_files, load_meta, load_state_
+
+    if not (path / "student.json").is_file():
+        sys.exit(f"--students: no saved student at {path}")
+    info = json.loads((path / "student.json").read_text())
+    model = load_meta(path)
+    files = _weight_files(path)
+    stored = set()
+    for f in files:
+        with safe_open(str(f), framework="pt", device="cpu") as fh:
+            stored.update(fh.keys())
+    own = teacher.state_dict()
+    fill = {k: own[k].detach().to("cpu", torch.float32).clone() for k in model.state_dict() if k not in stored}
+    model.load_state_dict(fill, strict=False, assign=True)
+    load_state_(model, files, torch.float32)
+    report = SimpleNamespace(after=SimpleNamespace(non_embedding=info["non_embedding"]),
+                             kept_fraction=info["kept_fraction"], modules=[], variants=info["variants"])
+    return model.to(device).train(), report, info["mode"], info["surgery_s"]
 
 
 def merge(dirs: list[str], out: Path) -> None:
@@ -266,6 +319,8 @@ def merge(dirs: list[str], out: Path) -> None:
 
 def _variant_counts(report) -> dict:
     """How many replaced layers got each kind of block (e.g. how often the hybrid split chose a mix)."""
+    if getattr(report, "variants", None) is not None:  # a loaded student: counted when it was saved
+        return report.variants
     counts: dict[str, int] = {}
     for m in report.modules:
         if m.status == "replaced":
@@ -295,7 +350,7 @@ def write_outputs(results: dict, out: Path) -> None:
         lines.append(
             f"| {r['fraction']} | {r['method']}{r.get('tag', '')} | {r['non_embedding']:,} | {100 * r['kept_fraction']:.1f}% | "
             f"{r['trained']} | {_fmt(a['alpaca'])} / {_fmt(a['wikitext'])} | {_fmt(b['alpaca'])} / "
-            f"{_fmt(b['wikitext'])} | {b['tokens']:,} |"
+            f"{_fmt(b['wikitext'])} | {b['tokens']:,}{' (stopped early)' if r.get('complete') is False else ''} |"
         )
     (out / "results.md").write_text("\n".join(lines) + "\n")
     for fraction in sorted({r["fraction"] for r in rows}, reverse=True):

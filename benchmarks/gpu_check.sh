@@ -1,34 +1,47 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 4 as one short script (about 5 minutes on one H100/H200), for a session
-# that has a GPU machine. Writes logs and JSON under ${OUT:-gpu-check}. Prepared on a CPU-only
-# machine: it has not run on a GPU yet.
+# The GPU checks of issue 4 as one short script (about 3 minutes on one H100/H200), for a session
+# that has a GPU machine. Writes gpu_check.log and three JSON files under ${OUT:-gpu-check}.
 #
-#   bash benchmarks/gpu_check.sh            # then read $OUT/*.log and $OUT/*.json
+#   bash benchmarks/gpu_check.sh
 #
 # 1. tests/test_cuda.py: blocks == dense == CPU path on CUDA (fp32), the bf16 grouped_mm path ==
-#    the bmm path (forward and grads), save/load from the GPU, bf16 training lowers the loss.
-# 2. benchmarks/bench_block.py on CUDA in bf16 and fp32 (Phi-3-mini's four shapes, 1 / 1024 / 8192
-#    tokens, with the bare-GEMM floor).
+#    the bmm path (forward and grads), save/load from the GPU, bf16 training lowers the loss, the
+#    calibrated hybrid surgery on the GPU picks the same blocks as on the CPU.
+# 2. benchmarks/bench_block.py on CUDA in bf16 and fp32 (Phi-3-mini's four shapes, with the
+#    bare-GEMM floor).
 # 3. gpconv bench on CUDA (bf16): the demo model shrunk vs dense, prefill/decode tokens/s and
 #    peak memory.
+# The GPU machine has torch, transformers and typer but no network: this tree is installed
+# without dependencies or build isolation; wheels under .whl/ (e.g. gguf) are installed first.
 set -u -o pipefail
 OUT=${OUT:-gpu-check}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-# the GPU machine has torch, transformers, accelerate, typer and setuptools but no network:
-# install this tree without dependencies or build isolation
-$PY -m pip install -q --no-deps --no-build-isolation --no-index -e . > "$OUT/install.log" 2>&1 || { cat "$OUT/install.log"; exit 1; }
-$PY -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" | tee "$OUT/env.log"
+LOG="$OUT/gpu_check.log"
+if ls .whl/*.whl >/dev/null 2>&1; then
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+$PY -m pip install -q --no-deps --no-build-isolation --no-index -e . > /tmp/install.log 2>&1 || { cat /tmp/install.log; exit 1; }
+{ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
+  nproc; } 2>&1 | tee "$LOG"
 
-timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.log"
+echo "== tests/test_cuda.py" | tee -a "$LOG"
+timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tail -25 | tee -a "$LOG"
 
-for dt in bfloat16 float32; do
-  timeout 240 $PY benchmarks/bench_block.py --device cuda --dtype $dt --tokens 1 1024 8192 --reps 7 --floor \
-    --json "$OUT/bench_block_cuda_$dt.json" 2>&1 | tee "$OUT/bench_block_cuda_$dt.log"
+for spec in "bfloat16 1 1024 8192" "float32 1 1024 8192"; do
+  set -- $spec
+  dt=$1; shift
+  echo "== bench_block cuda $dt" | tee -a "$LOG"
+  timeout 150 $PY benchmarks/bench_block.py --device cuda --dtype $dt --tokens "$@" --reps 7 --floor \
+    --json "$OUT/bench_block_cuda_$dt.json" 2>&1 | tee -a "$LOG"
 done
 
+echo "== gpconv bench tiny-phi3 -m 64, cuda bf16" | tee -a "$LOG"
 rm -rf /tmp/gpconv-tiny-shrunk
-timeout 120 $PY -m gpconv_cli shrink tiny-phi3 --out /tmp/gpconv-tiny-shrunk -m 64 > "$OUT/shrink.log" 2>&1
+timeout 120 $PY -m gpconv_cli shrink tiny-phi3 --out /tmp/gpconv-tiny-shrunk -m 64 >> "$LOG" 2>&1
 timeout 180 $PY -m gpconv_cli bench /tmp/gpconv-tiny-shrunk --device cuda --dtype bfloat16 --batch 8 \
-  --prompt-len 512 --new-tokens 64 --repeats 5 2>&1 | tee "$OUT/bench_tiny_cuda.log"
+  --prompt-len 512 --new-tokens 64 --repeats 5 --json > "$OUT/bench_tiny_cuda.json" 2>> "$LOG"
+cat "$OUT/bench_tiny_cuda.json" | tee -a "$LOG"

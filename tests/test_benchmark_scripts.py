@@ -1,0 +1,61 @@
+"""benchmarks/compare.py's student hand-over (surgery on one machine, recovery on another):
+``--save-students`` writes a student that ``--students`` loads back with identical logits, and
+benchmarks/pack_student.py's smaller copy (tensors equal to the teacher's left out, matrices in
+bf16) loads back to the same model up to bf16 rounding."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import torch
+
+import gpconv
+from gpconv import GPConvConfig, shrink
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _script(name):
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model.eval()(input_ids=ids).logits
+
+
+def test_saved_and_packed_students_load_back(tmp_path, monkeypatch):
+    compare, pack = _script("compare"), _script("pack_student")
+    teacher, tok = gpconv.load_model("tiny-phi3")
+    student, _ = gpconv.load_model("tiny-phi3")
+    report = shrink(student, GPConvConfig(variant="lowrank", rank=0.25, init="project"))
+    ids = torch.randint(0, teacher.config.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    want = _logits(student, ids)
+
+    saved = tmp_path / "students" / "svd@0.25"
+    compare.save_student(saved, student, report, "grouped", 1.5, tok)
+    loaded, rep, mode, surgery_s = compare.load_student(saved, teacher, "cpu")
+    replaced = sum(m.status == "replaced" for m in report.modules)
+    assert replaced and (mode, surgery_s, rep.variants) == ("grouped", 1.5, {"lowrank": replaced})
+    assert rep.after.non_embedding == report.after.non_embedding == gpconv.count_parameters(loaded).non_embedding
+    torch.testing.assert_close(_logits(loaded, ids), want, atol=0, rtol=0)
+
+    packed = tmp_path / "packed" / "svd@0.25"
+    monkeypatch.setattr(sys, "argv", ["pack_student.py", str(saved), str(packed), "--teacher", "tiny-phi3"])
+    pack.main()
+    from safetensors import safe_open
+
+    with safe_open(str(packed / "model.safetensors"), framework="pt") as fh:
+        keys = set(fh.keys())
+        dtypes = {fh.get_tensor(k).dtype for k in keys if fh.get_tensor(k).dim() >= 2}
+    assert "model.embed_tokens.weight" not in keys  # the teacher's, unchanged by surgery
+    assert dtypes == {torch.bfloat16}
+    small, *_ = compare.load_student(packed, teacher, "cpu")
+    assert all(p.dtype == torch.float32 for p in small.parameters())
+    torch.testing.assert_close(small.model.embed_tokens.weight, teacher.model.embed_tokens.weight, atol=0, rtol=0)
+    got = _logits(small, ids)
+    assert not torch.equal(got, want)  # bf16 rounding is visible ...
+    torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)  # ... and small
