@@ -207,7 +207,8 @@ def best_split(n_in: int, n_out: int, bias: bool, source: str, weight: torch.Ten
                 best = Option(cand, cand.num_params - (n_out if bias else 0), err)  # weights only
     if lead is not None:
         _, spec, order = lead
-        gw, b, a = fit_hybrid(w, spec.groups, spec.rank, order, c, ridge, whitener=wh)  # _error_metric's
+        gw, b, a = fit_hybrid(w, spec.groups, spec.rank, order, c, ridge, whitener=wh,  # _error_metric's
+                              first=svd.factors(spec.rank))  # round one = the SVD already taken
         err = err_of(w - b @ a - io_dense(gw, order, n_in))
         if best is None or err < best.error:
             best = Option(spec, spec.num_params - (n_out if bias else 0), err)
@@ -237,6 +238,8 @@ def _error_metric(weight: torch.Tensor, cov: torch.Tensor | None, ridge: float,
 
 def _whitened_factors(w: torch.Tensor, wh):
     """``rank -> best rank-r approximation of w`` under the whitening ``wh`` (one SVD for all r)."""
+    from .lowrank import svd_factors
+
     m = w if wh is None else w @ wh[0]
     u, s, vh = torch.linalg.svd(m, full_matrices=False)
 
@@ -244,6 +247,7 @@ def _whitened_factors(w: torch.Tensor, wh):
         a = (u[:, :r] * s[:r]) @ vh[:r]
         return a if wh is None else a @ wh[1]
 
+    approx.factors = lambda r: svd_factors(u, s, vh, r, wh)  # (B, A) exactly as whitened_svd gives them
     return approx
 
 

@@ -62,14 +62,34 @@ def fit_io_weight(
     out_f, in_f = w.shape
     oc = out_f // groups
     idx = gather_index.to(w.device)
-    result = torch.empty(groups, oc, idx.shape[1], dtype=torch.float64, device=w.device)
-    for j in range(groups):
-        rows = w[j * oc:(j + 1) * oc]
-        support, slot_to_support, mult = torch.unique(idx[j], return_inverse=True, return_counts=True)
-        b = _solve_rows(rows, c64, support, ridge)  # (oc, |S|)
+    # each group's support: the distinct input channels its G1 and G2 slots read
+    parts = [torch.unique(idx[j], return_inverse=True, return_counts=True) for j in range(groups)]
+    if c64 is not None and len({len(p[0]) for p in parts}) == 1:
+        b = _solve_groups(w.view(groups, oc, in_f), c64, torch.stack([p[0] for p in parts]), ridge)
+        inv = torch.stack([p[1] for p in parts])  # (g, slots): slot -> position in the support
+        mult = torch.stack([p[2] for p in parts]).gather(1, inv).to(b.dtype)  # (g, slots)
         # a channel reached by both G1 and G2 gets half the coefficient in each
+        return (b.gather(2, inv[:, None, :].expand(groups, oc, -1)) / mult[:, None, :]).to(weight.dtype)
+    result = torch.empty(groups, oc, idx.shape[1], dtype=torch.float64, device=w.device)
+    for j, (support, slot_to_support, mult) in enumerate(parts):  # supports of unequal size
+        b = _solve_rows(w[j * oc:(j + 1) * oc], c64, support, ridge)  # (oc, |S|)
         result[j] = b[:, slot_to_support] / mult[slot_to_support].to(b.dtype)
     return result.to(weight.dtype)
+
+
+def _solve_groups(w: torch.Tensor, cov: torch.Tensor, supports: torch.Tensor, ridge: float) -> torch.Tensor:
+    """:func:`_solve_rows` for every group at once, when all supports have one size ``k``:
+    ``w`` (g, oc, in), ``supports`` (g, k) -> (g, oc, k). One batched solve instead of ``g``
+    small ones: the same systems, far fewer calls (on a GPU, ``g`` launches and syncs fewer)."""
+    g, oc, _ = w.shape
+    k = supports.shape[1]
+    lam = ridge_lambda(cov, ridge)
+    css = cov[supports[:, :, None], supports[:, None, :]]  # (g, k, k)
+    css = css + lam * torch.eye(k, dtype=cov.dtype, device=cov.device)
+    cols = cov[:, supports].permute(1, 0, 2)  # (in, g, k) -> (g, in, k): C[:, S_j]
+    own = w.gather(2, supports[:, None, :].expand(g, oc, k))  # (g, oc, k): T[:, S_j]
+    rhs = torch.bmm(w, cols) + lam * own  # T (C + lambda I)[:, S_j]
+    return torch.linalg.solve(css, rhs.transpose(1, 2)).transpose(1, 2)  # css B^T = rhs^T
 
 
 @torch.no_grad()
@@ -87,7 +107,8 @@ def fit_grouped_weight(weight: torch.Tensor, groups: int, cov: torch.Tensor | No
 
 
 @torch.no_grad()
-def init_block_(module, weight: torch.Tensor, bias: torch.Tensor | None, method: str, cov=None, ridge=DEFAULT_RIDGE):
+def init_block_(module, weight: torch.Tensor, bias: torch.Tensor | None, method: str, cov=None, ridge=DEFAULT_RIDGE,
+                lowrank_first=None):
     """Set ``module`` (a fresh gpconv block) from the dense ``weight`` (out, in) and ``bias``.
 
     ``method`` is one of :data:`INITS`; ``fit`` needs ``cov`` (in, in). Hybrid and low-rank blocks
@@ -110,7 +131,7 @@ def init_block_(module, weight: torch.Tensor, bias: torch.Tensor | None, method:
         else:
             from .lowrank import init_lowrank_
 
-            init_lowrank_(module, weight, cov, ridge)
+            init_lowrank_(module, weight, cov, ridge, first=lowrank_first)
     if module.bias is not None:
         if bias is not None:
             module.bias.copy_(bias.to(module.bias.dtype))
@@ -186,7 +207,7 @@ def _balanced_assign(score: torch.Tensor, capacity: torch.Tensor) -> torch.Tenso
 
 @torch.no_grad()
 def choose_permutation(weight: torch.Tensor, groups: int, cov: torch.Tensor | None = None, rank: int = 0,
-                       ridge: float = DEFAULT_RIDGE) -> torch.Tensor:
+                       ridge: float = DEFAULT_RIDGE, first=None) -> torch.Tensor:
     """An input channel order for the io block that keeps the most weight energy in its support.
 
     With ``rank >= 1`` (a hybrid block) the energy is that of what the grouped part will be fitted
@@ -199,13 +220,14 @@ def choose_permutation(weight: torch.Tensor, groups: int, cov: torch.Tensor | No
     ``E[j, i] = C[i, i] * sum_{o in group j} W[o, i]^2`` we (1) give every input group the
     ``c`` channels with the most energy towards its output group, then (2) order each group's
     channels so that the interleave sends each to the output group it matters most to next.
-    Returns ``perm`` with block input = ``x[..., perm]``.
+    Returns ``perm`` with block input = ``x[..., perm]``. ``first``: ``whitened_svd(weight, rank,
+    cov, ridge)`` when the caller already has it.
     """
     w = weight.detach().to(torch.float64)
     if rank >= 1:
         from .lowrank import whitened_svd
 
-        b, a = whitened_svd(w, rank, cov, ridge)
+        b, a = first if first is not None else whitened_svd(w, rank, cov, ridge)
         w = w - b @ a
     out_f, in_f = w.shape
     g, c, oc = groups, in_f // groups, out_f // groups
@@ -247,11 +269,17 @@ def fit_layer(spec, weight: torch.Tensor, bias: torch.Tensor | None, init: str, 
     if init == "fit" and cov_fit is None:
         raise ValueError("init='fit' needs calibration statistics")
 
+    first = None  # a hybrid's rank-r whitened SVD of W: the channel order and both fits start from it
+    if spec.variant == "hybrid" and spec.rank >= 1 and method == "fit":
+        from .lowrank import whitened_svd
+
+        first = whitened_svd(weight, spec.rank, cov_fit, ridge)
+
     def build(s):
         m = s.build(device=weight.device, dtype=weight.dtype)
         if s.permuted:
-            m.input_perm.copy_(choose_permutation(weight, s.groups, cov_fit, s.rank, ridge))
-        init_block_(m, weight, bias, method, cov_fit, ridge)
+            m.input_perm.copy_(choose_permutation(weight, s.groups, cov_fit, s.rank, ridge, first=first))
+        init_block_(m, weight, bias, method, cov_fit, ridge, lowrank_first=first)
         err = None if method == "random" else relative_error(weight, m.to_dense(), cov_eval)
         return m, err
 

@@ -43,6 +43,12 @@ def whitened_svd(weight: torch.Tensor, rank: int, cov: torch.Tensor | None = Non
     wh = _whitener(cov, w.shape[1], ridge, w.device) if whitener is False else whitener
     m = w if wh is None else w @ wh[0]
     u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    return svd_factors(u, s, vh, rank, wh)
+
+
+def svd_factors(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, rank: int, wh=None):
+    """``(B, A)`` of :func:`whitened_svd` from the SVD ``u, s, vh`` of the whitened weight (callers
+    that already hold that SVD, e.g. for several ranks, skip computing it again)."""
     r = min(rank, s.numel())
     root = s[:r].sqrt()
     b = u[:, :r] * root  # (out, r)
@@ -57,12 +63,14 @@ def whitened_svd(weight: torch.Tensor, rank: int, cov: torch.Tensor | None = Non
 
 @torch.no_grad()
 def fit_hybrid(weight: torch.Tensor, groups: int, rank: int, gather_index: torch.Tensor,
-               cov: torch.Tensor | None = None, ridge: float = DEFAULT_RIDGE, rounds: int = 4, whitener=False):
+               cov: torch.Tensor | None = None, ridge: float = DEFAULT_RIDGE, rounds: int = 4, whitener=False,
+               first=None):
     """The hybrid's parts, float64: io weights ``(g, out/g, 2*in/g)`` and factors ``B``, ``A``.
 
     Alternates exact fits: ``B A`` = whitened SVD of ``W - G``, then ``G`` = io least squares on
     ``W - B A`` (round one starts from ``G = 0``, i.e. from the SVD baseline). ``whitener``: as in
-    :func:`whitened_svd`.
+    :func:`whitened_svd`. ``first``: round one's ``(B, A)``, i.e. ``whitened_svd(W, rank, cov,
+    ridge)``, when the caller already computed it (the same numbers, one SVD fewer).
     """
     from .init import fit_io_weight
     from .layers import io_dense
@@ -71,25 +79,27 @@ def fit_hybrid(weight: torch.Tensor, groups: int, rank: int, gather_index: torch
     wh = _whitener(cov, w.shape[1], ridge, w.device) if whitener is False else whitener  # one for every round
     idx = gather_index.to(w.device)
     gd = torch.zeros_like(w)
-    for _ in range(rounds):
-        b, a = whitened_svd(w - gd, rank, cov, ridge, whitener=wh)
+    for i in range(rounds):
+        b, a = first if (i == 0 and first is not None) else whitened_svd(w - gd, rank, cov, ridge, whitener=wh)
         g = fit_io_weight(w - b @ a, groups, idx, cov, ridge)
         gd = io_dense(g, idx, w.shape[1])
     return g, b, a
 
 
 @torch.no_grad()
-def init_lowrank_(module, weight: torch.Tensor, cov: torch.Tensor | None = None, ridge: float = DEFAULT_RIDGE, rounds: int = 4):
-    """Initialise a :class:`~gpconv.layers.LowRankLinear` or a hybrid block from ``weight``."""
+def init_lowrank_(module, weight: torch.Tensor, cov: torch.Tensor | None = None, ridge: float = DEFAULT_RIDGE, rounds: int = 4,
+                  first=None):
+    """Initialise a :class:`~gpconv.layers.LowRankLinear` or a hybrid block from ``weight``.
+    ``first``: ``whitened_svd(weight, rank, cov, ridge)`` if the caller has it (see :func:`fit_hybrid`)."""
     from .layers import LowRankLinear
 
     w = weight.detach().to(torch.float64)
     if isinstance(module, LowRankLinear):
-        b, a = whitened_svd(w, module.rank, cov, ridge)
+        b, a = first if first is not None else whitened_svd(w, module.rank, cov, ridge)
         module.lowrank_b.copy_(b)
         module.lowrank_a.copy_(a)
         return
-    g, b, a = fit_hybrid(w, module.groups, module.rank, module.gather_index(w.device), cov, ridge, rounds)
+    g, b, a = fit_hybrid(w, module.groups, module.rank, module.gather_index(w.device), cov, ridge, rounds, first=first)
     module.weight.copy_(g)
     module.lowrank_b.copy_(b)
     module.lowrank_a.copy_(a)

@@ -343,3 +343,51 @@ def test_cli_fit_with_calibration_file_and_target(tmp_path):
     r3 = CliRunner().invoke(app, ["shrink", "tiny-phi3", "--out", str(tmp_path / "y"), "-t", "o_proj",
                                   "--target-params", "0.3"])
     assert r3.exit_code == 2 and "out of reach" in r3.stderr and not (tmp_path / "y").exists()
+
+
+def _cov(n, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, n, generator=g, dtype=torch.float64) @ (torch.eye(n, dtype=torch.float64)
+                                                                + 0.2 * torch.randn(n, n, generator=g, dtype=torch.float64))
+    return x.T @ x / 512
+
+
+@pytest.mark.parametrize("n_in, n_out, g", [(48, 96, 4), (96, 48, 8), (64, 64, 16), (96, 48, 3)])
+@pytest.mark.parametrize("permuted", [False, True])
+def test_batched_group_solve_equals_one_solve_per_group(n_in, n_out, g, permuted):
+    """fit_io_weight solves every group's system in one batched call when the supports have one
+    size; it must give the per-group least squares of _solve_rows (bit for bit on the CPU)."""
+    from gpconv.init import _solve_rows, fit_io_weight
+    from gpconv.layers import GroupedPointwiseBlock
+
+    w = torch.randn(n_out, n_in, generator=torch.Generator().manual_seed(g), dtype=torch.float64)
+    cov = _cov(n_in, g)
+    idx = GroupedPointwiseBlock(n_in, n_out, g, device="meta").gather_index("cpu")
+    if permuted:
+        idx = choose_permutation(w, g, cov)[idx]
+    oc = n_out // g
+    want = torch.empty(g, oc, idx.shape[1], dtype=torch.float64)
+    for j in range(g):
+        support, inv, mult = torch.unique(idx[j], return_inverse=True, return_counts=True)
+        b = _solve_rows(w[j * oc:(j + 1) * oc], cov, support, 0.1)
+        want[j] = b[:, inv] / mult[inv].to(b.dtype)
+    got = fit_io_weight(w, g, idx, cov, 0.1)
+    torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
+
+
+def test_hybrid_fit_reuses_its_first_svd_without_changing_it():
+    """fit_layer, choose_permutation and best_split hand the rank-r whitened SVD they already hold to
+    the alternated fit (``first=``): the result must be exactly the one computed from scratch."""
+    from gpconv.layers import GroupedPointwiseBlock
+    from gpconv.lowrank import fit_hybrid, whitened_svd
+
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    cov = _cov(96, 3)
+    idx = GroupedPointwiseBlock(96, 64, 8, device="meta").gather_index("cpu")
+    a = fit_hybrid(w, 8, 6, idx, cov, 0.1)
+    b = fit_hybrid(w, 8, 6, idx, cov, 0.1, first=whitened_svd(w, 6, cov, 0.1))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    c = fit_hybrid(w, 8, 6, idx, cov, 0.1, first=whitened_svd(w, 6, None, 0.1))  # a different start is used
+    assert not torch.equal(a[1], c[1])
+    assert torch.equal(choose_permutation(w, 8, cov, 6, 0.1),
+                       choose_permutation(w, 8, cov, 6, 0.1, first=whitened_svd(w, 6, cov, 0.1)))
