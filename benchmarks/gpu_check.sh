@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 4 as one short script (about 3 minutes on one H100/H200), for a session
+# The GPU checks of issue 4 as one short script (91 s on an H200, 2026-11-30), for a session
 # that has a GPU machine. Writes gpu_check.log and three JSON files under ${OUT:-gpu-check}.
 #
 #   bash benchmarks/gpu_check.sh
