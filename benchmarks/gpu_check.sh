@@ -11,19 +11,11 @@
 #    bare-GEMM floor).
 # 3. gpconv bench on CUDA (bf16): the demo model shrunk vs dense, prefill/decode tokens/s and
 #    peak memory.
-# The GPU machine has torch, transformers and typer but no network: this tree is installed
-# without dependencies or build isolation; wheels under .whl/ (e.g. gguf) are installed first.
 set -u -o pipefail
 OUT=${OUT:-gpu-check}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-PY=${PY:-python3}
 LOG="$OUT/gpu_check.log"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-$PY -m pip install -q --no-deps --no-build-isolation --no-index -e . > /tmp/install.log 2>&1 || { cat /tmp/install.log; exit 1; }
+source benchmarks/gpu_setup.sh
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
   $PY -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
   nproc; } 2>&1 | tee "$LOG"

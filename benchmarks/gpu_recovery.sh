@@ -17,17 +17,11 @@
 set -u -o pipefail
 OUT=${OUT:-gpu-recovery}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-PY=${PY:-python3}
 LOG="$OUT/recovery.log"
 GGUF=${GGUF:?set GGUF to the SmolLM2-135M-Instruct .gguf file}
 DATA=${DATA:-../shared/data}
 STEPS=${STEPS:-1000}; BATCH=${BATCH:-64}; LR=${LR:-1e-3}; LIMIT=${LIMIT:-420}
-if ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site
-fi
-$PY -c "import gpconv" 2>/dev/null || $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . >> "$LOG" 2>&1
+source benchmarks/gpu_setup.sh
 
 # the same split and held-out sets as the CPU runs (block 128, 16 eval blocks), bigger batches
 COMMON="--model $GGUF --alpaca $DATA/alpaca_5000_subset.json --wikitext $DATA/wikitext2_valid_pytorch_examples.txt
