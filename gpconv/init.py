@@ -79,8 +79,8 @@ def fit_io_weight(
 
 def _solve_groups(w: torch.Tensor, cov: torch.Tensor, supports: torch.Tensor, ridge: float) -> torch.Tensor:
     """:func:`_solve_rows` for every group at once, when all supports have one size ``k``:
-    ``w`` (g, oc, in), ``supports`` (g, k) -> (g, oc, k). One batched solve instead of ``g``
-    small ones: the same systems, far fewer calls (on a GPU, ``g`` launches and syncs fewer)."""
+    ``w`` (g, oc, in), ``supports`` (g, k) -> (g, oc, k). The systems are built batched (one
+    gather and one ``bmm`` instead of ``g`` of each) and solved one by one."""
     g, oc, _ = w.shape
     k = supports.shape[1]
     lam = ridge_lambda(cov, ridge)
@@ -89,7 +89,9 @@ def _solve_groups(w: torch.Tensor, cov: torch.Tensor, supports: torch.Tensor, ri
     cols = cov[:, supports].permute(1, 0, 2)  # (in, g, k) -> (g, in, k): C[:, S_j]
     own = w.gather(2, supports[:, None, :].expand(g, oc, k))  # (g, oc, k): T[:, S_j]
     rhs = torch.bmm(w, cols) + lam * own  # T (C + lambda I)[:, S_j]
-    return torch.linalg.solve(css, rhs.transpose(1, 2)).transpose(1, 2)  # css B^T = rhs^T
+    # css B^T = rhs^T, one group at a time: torch's batched CPU solve runs its batch in parallel
+    # around LAPACK and stalled for minutes on a busy 2-core machine (seen in the test suite)
+    return torch.stack([torch.linalg.solve(css[j], rhs[j].t()).t() for j in range(g)])
 
 
 @torch.no_grad()
