@@ -269,19 +269,19 @@ def main():
 
 
 def save_student(path: Path, student, report, mode: str, surgery_s: float, tok) -> None:
-    """The student as a gpconv checkpoint, plus what its result row needs besides the weights."""
+    """The student as a gpconv checkpoint, plus what its result row needs and the weights do not
+    tell (what trains, how long the surgery took)."""
     gpconv.save_pretrained(student, path, tok, overwrite=True)
-    info = {"mode": mode, "surgery_s": surgery_s, "variants": _variant_counts(report),
-            "non_embedding": report.after.non_embedding, "kept_fraction": report.kept_fraction}
-    (path / "student.json").write_text(json.dumps(info, indent=1))
+    (path / "student.json").write_text(json.dumps({"mode": mode, "surgery_s": surgery_s}, indent=1))
 
 
 def load_student(path: Path, teacher, device: str):
-    """A student saved by :func:`save_student` (fp32 on ``device``). Tensors its safetensors lack
-    are copied from the teacher, which surgery never changes outside the replaced layers."""
-    from types import SimpleNamespace
-
+    """A student saved by :func:`save_student` (fp32 on ``device``) and its report (its blocks and
+    counts against the teacher's). Tensors its safetensors lack are copied from the teacher, which
+    surgery never changes outside the replaced layers."""
     from safetensors import safe_open
+
+    from gpconv.surgery import describe
 
     from gpconv.io import _weight_files, load_meta, load_state_
 
@@ -298,8 +298,8 @@ def load_student(path: Path, teacher, device: str):
     fill = {k: own[k].detach().to("cpu", torch.float32).clone() for k in model.state_dict() if k not in stored}
     model.load_state_dict(fill, strict=False, assign=True)
     load_state_(model, files, torch.float32)
-    report = SimpleNamespace(after=SimpleNamespace(non_embedding=info["non_embedding"]),
-                             kept_fraction=info["kept_fraction"], modules=[], variants=info["variants"])
+    now = describe(model, str(path))
+    report = gpconv.ShrinkReport(now.model, {}, count_parameters(teacher), now.after, now.modules)
     return model.to(device).train(), report, info["mode"], info["surgery_s"]
 
 
@@ -318,12 +318,11 @@ def merge(dirs: list[str], out: Path) -> None:
 
 
 def _variant_counts(report) -> dict:
-    """How many replaced layers got each kind of block (e.g. how often the hybrid split chose a mix)."""
-    if getattr(report, "variants", None) is not None:  # a loaded student: counted when it was saved
-        return report.variants
+    """How many replaced layers got each kind of block (e.g. how often the hybrid split chose a mix);
+    in a loaded student's report (:func:`load_student`) those layers are "already" converted."""
     counts: dict[str, int] = {}
     for m in report.modules:
-        if m.status == "replaced":
+        if m.status in ("replaced", "already"):
             counts[m.variant] = counts.get(m.variant, 0) + 1
     return counts
 

@@ -37,11 +37,7 @@ def _solve_rows(target: torch.Tensor, cov: torch.Tensor | None, support: torch.T
     """
     if cov is None:
         return target[:, support]
-    lam = ridge_lambda(cov, ridge)
-    css = cov[support][:, support] + lam * torch.eye(len(support), dtype=cov.dtype, device=cov.device)
-    rhs = target @ cov[:, support] + lam * target[:, support]  # T (C + lambda I)[:, S], (rows, |S|)
-    # B css = rhs  <=>  css B^T = rhs^T (css is symmetric)
-    return torch.linalg.solve(css, rhs.t()).t()
+    return _solve_groups(target[None], cov, support[None], ridge)[0]  # one group
 
 
 @torch.no_grad()
@@ -78,9 +74,9 @@ def fit_io_weight(
 
 
 def _solve_groups(w: torch.Tensor, cov: torch.Tensor, supports: torch.Tensor, ridge: float) -> torch.Tensor:
-    """:func:`_solve_rows` for every group at once, when all supports have one size ``k``:
-    ``w`` (g, oc, in), ``supports`` (g, k) -> (g, oc, k). The systems are built batched (one
-    gather and one ``bmm`` instead of ``g`` of each) and solved one by one."""
+    """:func:`_solve_rows` for ``g`` groups whose supports have one size ``k``: ``w`` (g, oc, in),
+    ``supports`` (g, k) -> (g, oc, k). The systems are built batched (one gather and one ``bmm``
+    instead of ``g`` of each) and solved one by one."""
     g, oc, _ = w.shape
     k = supports.shape[1]
     lam = ridge_lambda(cov, ridge)
@@ -89,7 +85,7 @@ def _solve_groups(w: torch.Tensor, cov: torch.Tensor, supports: torch.Tensor, ri
     cols = cov[:, supports].permute(1, 0, 2)  # (in, g, k) -> (g, in, k): C[:, S_j]
     own = w.gather(2, supports[:, None, :].expand(g, oc, k))  # (g, oc, k): T[:, S_j]
     rhs = torch.bmm(w, cols) + lam * own  # T (C + lambda I)[:, S_j]
-    # css B^T = rhs^T, one group at a time: torch's batched CPU solve runs its batch in parallel
+    # B css = rhs <=> css B^T = rhs^T (css is symmetric), one group at a time: torch's batched CPU solve runs its batch in parallel
     # around LAPACK and stalled for minutes on a busy 2-core machine (seen in the test suite)
     return torch.stack([torch.linalg.solve(css[j], rhs[j].t()).t() for j in range(g)])
 

@@ -355,9 +355,9 @@ def _cov(n, seed):
 @pytest.mark.parametrize("n_in, n_out, g", [(48, 96, 4), (96, 48, 8), (64, 64, 16), (96, 48, 3)])
 @pytest.mark.parametrize("permuted", [False, True])
 def test_batched_group_solve_equals_one_solve_per_group(n_in, n_out, g, permuted):
-    """fit_io_weight solves every group's system in one batched call when the supports have one
-    size; it must give the per-group least squares of _solve_rows (bit for bit on the CPU)."""
-    from gpconv.init import _solve_rows, fit_io_weight
+    """fit_io_weight builds every group's system in one batched call when the supports have one
+    size; it must give each group's ridge least squares, written out here group by group."""
+    from gpconv.init import fit_io_weight, ridge_lambda
     from gpconv.layers import GroupedPointwiseBlock
 
     w = torch.randn(n_out, n_in, generator=torch.Generator().manual_seed(g), dtype=torch.float64)
@@ -369,7 +369,10 @@ def test_batched_group_solve_equals_one_solve_per_group(n_in, n_out, g, permuted
     want = torch.empty(g, oc, idx.shape[1], dtype=torch.float64)
     for j in range(g):
         support, inv, mult = torch.unique(idx[j], return_inverse=True, return_counts=True)
-        b = _solve_rows(w[j * oc:(j + 1) * oc], cov, support, 0.1)
+        reg = cov + ridge_lambda(cov, 0.1) * torch.eye(n_in, dtype=cov.dtype)  # C + lambda I
+        t = w[j * oc:(j + 1) * oc]
+        # argmin_B tr((T - B) reg (T - B)^T) with B zero off S: B reg[S, S] = T reg[:, S]
+        b = torch.linalg.solve(reg[support][:, support], (t @ reg[:, support]).t()).t()
         want[j] = b[:, inv] / mult[inv].to(b.dtype)
     got = fit_io_weight(w, g, idx, cov, 0.1)
     torch.testing.assert_close(got, want, atol=1e-12, rtol=1e-12)
