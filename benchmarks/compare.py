@@ -151,6 +151,8 @@ def main():
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--block-size", type=int, default=256)
     ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--grouped-lr-scale", type=float, default=1.0,
+                    help="lr multiplier for the grouped weights of the blocks (TrainConfig.grouped_lr_scale)")
     ap.add_argument("--seed", type=int, default=0, help="training seed: the order of the recovery batches")
     ap.add_argument("--train-all", action="store_true",
                     help="every method trains all weights (default: only the new blocks where a method adds some)")
@@ -238,7 +240,7 @@ def main():
                 early (a time limit) keeps the curve so far, marked ``complete: false``."""
                 results[key] = {
                     "method": method, "tag": args.tag, "refine_steps": args.refine_steps,
-                    "hidden_weight": args.hidden_weight, "teacher_top_k": args.teacher_top_k,
+                    "hidden_weight": args.hidden_weight, "grouped_lr_scale": args.grouped_lr_scale, "teacher_top_k": args.teacher_top_k,
                     "train_s": res and res.train_s, "teacher_s": res and res.teacher_s,
                     "fraction": fraction, "non_embedding": report.after.non_embedding,
                     "kept_fraction": report.kept_fraction, "trained": mode, "surgery_s": surgery_s,
@@ -256,7 +258,7 @@ def main():
 
             cfg = gpconv.TrainConfig(max_steps=max(args.steps, 1), batch_size=args.batch_size, lr=args.lr, train=mode,
                                      warmup_ratio=0.05, save_every=0, progress=False, seed=args.seed,
-                                     hidden_weight=args.hidden_weight)
+                                     hidden_weight=args.hidden_weight, grouped_lr_scale=args.grouped_lr_scale)
             t1 = time.time()
             res = None
             if args.steps > 0:  # --steps 0 measures surgery alone

@@ -34,6 +34,7 @@ _ACC = typer.Option(1, "--grad-accum", help="Micro-batches per optimizer step.")
 _LR = typer.Option(3e-4, "--lr", help="Peak learning rate (AdamW, linear warm-up, cosine decay to 10%).")
 _WARM = typer.Option(0.05, "--warmup-ratio", help="Share of the steps spent warming up.")
 _WD = typer.Option(0.0, "--weight-decay", help="AdamW weight decay on matrices.")
+_GLR = typer.Option(1.0, "--grouped-lr-scale", help="lr multiplier for the blocks' grouped weights (low-rank factors and the rest keep --lr).")
 _CLIP = typer.Option(1.0, "--max-grad-norm", help="Gradient clipping (0: off).")
 _LORA_R = typer.Option(16, "--lora-r", help="LoRA rank (--train lora).")
 _LORA_A = typer.Option(32, "--lora-alpha", help="LoRA alpha (--train lora).")
@@ -189,6 +190,7 @@ def distill(
     response_only: bool = _RESP, max_samples: Optional[int] = _MAXS, pack: bool = _PACK, streaming: Optional[bool] = _STREAM,
     max_steps: Optional[int] = _STEPS, epochs: float = _EPOCHS, batch_size: int = _BS, grad_accum: int = _ACC,
     lr: float = _LR, warmup_ratio: float = _WARM, weight_decay: float = _WD, max_grad_norm: float = _CLIP,
+    grouped_lr_scale: float = _GLR,
     lora_r: int = _LORA_R, lora_alpha: int = _LORA_A, precision: str = _PREC, gradient_checkpointing: bool = _GC,
     save_every: int = _SAVE, keep_checkpoints: int = _KEEP, eval_every: int = _EVAL, eval_batches: Optional[int] = _EVALB,
     log_every: int = _LOG, metrics: str = _METRICS, resume: bool = _RESUME, overwrite: bool = _OVER,
@@ -201,7 +203,7 @@ def distill(
                   max_grad_norm, lora_r, lora_alpha, precision, gradient_checkpointing, save_every, keep_checkpoints,
                   eval_every, eval_batches, log_every, metrics, resume, overwrite, no_progress, seed,
                   kl_weight=kl_weight, ce_weight=ce_weight, hidden_weight=hidden_weight, temperature=temperature,
-                  teacher_top_k=teacher_top_k)
+                  teacher_top_k=teacher_top_k, grouped_lr_scale=grouped_lr_scale)
     rows = _rows(data, fmt, val_size, max_samples, streaming, cfg)
     cache = _open_teacher_cache(teacher_cache, cfg)
     s_model, s_tok = _load(student, dtype)
@@ -280,6 +282,7 @@ def train(
     response_only: bool = _RESP, max_samples: Optional[int] = _MAXS, pack: bool = _PACK, streaming: Optional[bool] = _STREAM,
     max_steps: Optional[int] = _STEPS, epochs: float = _EPOCHS, batch_size: int = _BS, grad_accum: int = _ACC,
     lr: float = _LR, warmup_ratio: float = _WARM, weight_decay: float = _WD, max_grad_norm: float = _CLIP,
+    grouped_lr_scale: float = _GLR,
     lora_r: int = _LORA_R, lora_alpha: int = _LORA_A, precision: str = _PREC, gradient_checkpointing: bool = _GC,
     save_every: int = _SAVE, keep_checkpoints: int = _KEEP, eval_every: int = _EVAL, eval_batches: Optional[int] = _EVALB,
     log_every: int = _LOG, metrics: str = _METRICS, resume: bool = _RESUME, overwrite: bool = _OVER,
@@ -290,7 +293,8 @@ def train(
 
     cfg = _config(out, train_mode, max_steps, epochs, batch_size, grad_accum, lr, warmup_ratio, weight_decay,
                   max_grad_norm, lora_r, lora_alpha, precision, gradient_checkpointing, save_every, keep_checkpoints,
-                  eval_every, eval_batches, log_every, metrics, resume, overwrite, no_progress, seed)
+                  eval_every, eval_batches, log_every, metrics, resume, overwrite, no_progress, seed,
+                  grouped_lr_scale=grouped_lr_scale)
     rows = _rows(data, fmt, val_size, max_samples, streaming, cfg)
     m, tok = _load(model, dtype)
     if tokenizer is not None:

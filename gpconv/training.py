@@ -47,7 +47,7 @@ from .data import StreamingBlocks, TokenBlocks
 from .errors import GPConvError
 from .evaluation import eval_sums, metrics_from_sums
 from .io import PLAN_FILE, check_output_dir, save_pretrained
-from .layers import is_gpconv_module
+from .layers import GroupedLinear, GroupedPointwiseBlock, is_gpconv_module
 from .losses import is_transformers, loss_sums, model_outputs, teacher_targets, unwrap
 from .teacher_cache import TeacherCache, check_settings
 from .trainlog import MetricsLog, Progress, plot_losses
@@ -87,6 +87,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     """On matrices only (never biases, norms); 0: recovery starts near a good solution."""
     betas: tuple[float, float] = (0.9, 0.95)
+    grouped_lr_scale: float = 1.0
+    """Multiplier of ``lr`` for the grouped weights of gpconv blocks (G1/G2); low-rank factors,
+    biases and every other parameter keep ``lr``. In a hybrid block the grouped weights are
+    several times larger than the low-rank factors, so one Adam step moves them relatively less."""
     max_grad_norm: float | None = 1.0
 
     # -- distillation loss: a*KL(teacher||student) at temperature T + b*CE + c*hidden-state error
@@ -146,6 +150,8 @@ class TrainConfig:
             raise GPConvError(f"epochs must be > 0, got {self.epochs}")
         if self.lr <= 0:
             raise GPConvError(f"lr must be > 0, got {self.lr}")
+        if self.grouped_lr_scale <= 0:
+            raise GPConvError(f"grouped_lr_scale must be > 0, got {self.grouped_lr_scale}")
         if min(self.kl_weight, self.ce_weight, self.hidden_weight) < 0 or self.kl_weight + self.ce_weight + self.hidden_weight == 0:
             raise GPConvError("loss weights must be >= 0 and not all 0")
         if self.teacher_top_k < 0:
@@ -290,9 +296,14 @@ def _enable_checkpointing(model: nn.Module) -> None:
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]  # matrices (and grouped 3-d weights) only
-    rest = [p for p in params if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    grouped = {id(m.weight) for m in model.modules() if isinstance(m, (GroupedPointwiseBlock, GroupedLinear))
+               and isinstance(getattr(m, "weight", None), nn.Parameter)}
+    decay = [p for p in params if p.dim() >= 2 and id(p) not in grouped]  # matrices only, never biases/norms
+    blocks = [p for p in params if id(p) in grouped]  # grouped 3-d weights: a matrix each, maybe their own lr
+    rest = [p for p in params if p.dim() < 2 and id(p) not in grouped]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay},
+              {"params": blocks, "weight_decay": cfg.weight_decay, "lr": cfg.lr * cfg.grouped_lr_scale},
+              {"params": rest, "weight_decay": 0.0}]
     # the fused kernel (one pass over all tensors) where torch has it for these parameters
     fused = all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, betas=cfg.betas, fused=fused or None)
@@ -546,7 +557,7 @@ def _run(student, teacher, train_data, cfg: TrainConfig, val_data, tokenizer, ca
                 grad_norm = float(acc.clip_grad_norm_(trainable, cfg.max_grad_norm))
                 if not math.isfinite(grad_norm):
                     raise _diverged("gradient norm", grad_norm, step + 1, out)
-            lr = scheduler.get_last_lr()[0]
+            lr = cfg.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)  # the base lr's (grouped weights: x grouped_lr_scale)
             optimizer.step()
             if not acc.optimizer_step_was_skipped:  # fp16 overflow: the scale shrinks, the schedule waits
                 scheduler.step()

@@ -126,8 +126,9 @@ def test_cuda_teacher_cache_under_bf16_autocast():
 
 def test_cuda_calibrated_hybrid_split_matches_cpu():
     """The calibrated surgery (fit init, hybrid split with the channel permutation, sequential,
-    corrected) runs where the model is: on the GPU it picks the same block for every layer as on
-    the CPU and the shrunk models agree up to float rounding."""
+    corrected) with the model on the GPU (forward passes there, closed-form fits on the CPU)
+    picks the same block for every layer as on the CPU, leaves every tensor on the GPU, and the
+    shrunk models agree up to float rounding."""
     import copy
 
     from gpconv.calibrate import Calibration
@@ -141,6 +142,7 @@ def test_cuda_calibrated_hybrid_split_matches_cpu():
     picked = [[(m.name, m.variant, m.groups, m.rank) for m in r.modules if m.status == "replaced"] for r in reports]
     assert picked[0] and picked[0] == picked[1]
     assert reports[0].after.non_embedding == reports[1].after.non_embedding
+    assert {t.device.type for t in [*gpu.parameters(), *gpu.buffers()]} == {"cuda"}
     ids = batches[0][:2]
     with torch.no_grad():
         a = cpu.eval()(input_ids=ids).logits

@@ -302,3 +302,31 @@ def test_hidden_error_is_relative_per_token_and_scale_free(masked):
     assert got.item() / int(keep.sum()) == pytest.approx(0.01, rel=0.3)
     scaled = loss_sums(logits, labels, None, tuple(1e3 * h for h in hs), tuple(1e3 * h for h in ht)).hidden
     assert scaled.item() == pytest.approx(got.item(), rel=1e-4)
+
+
+@pytest.mark.parametrize("scale", [0.25, 3.0])
+def test_grouped_lr_scale_moves_only_grouped_weights_faster(scale):
+    """Adam's first step moves each weight by ~lr (g / |g|), so per parameter kind the step size
+    shows the learning rate it got: grouped weights lr * scale, low-rank factors and biases lr."""
+    from gpconv.training import _optimizer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 32))
+    shrink(model, GPConvConfig(target_modules=["0", "1"], variant="hybrid", rank=0.25, min_channels_per_group=8))
+    params = dict(model.named_parameters())
+    kinds = {"weight": [n for n, p in params.items() if p.dim() == 3],
+             "lowrank": [n for n in params if "lowrank" in n], "bias": [n for n in params if n.endswith("bias")]}
+    assert all(kinds.values()), kinds
+    lr = 1e-3
+    opt = _optimizer(model, TrainConfig(lr=lr, grouped_lr_scale=scale))
+    before = {n: p.detach().clone() for n, p in params.items()}
+    for p in params.values():
+        p.grad = torch.randn_like(p)
+    opt.step()
+    step = {n: (params[n].detach() - before[n]).abs().mean().item() for n in params}
+    for n in kinds["weight"]:
+        assert step[n] == pytest.approx(lr * scale, rel=1e-3), n
+    for n in kinds["lowrank"] + kinds["bias"]:
+        assert step[n] == pytest.approx(lr, rel=1e-3), n
+    with pytest.raises(GPConvError, match="grouped_lr_scale"):
+        TrainConfig(grouped_lr_scale=0)
