@@ -20,7 +20,7 @@ Layers that read the same tensor (q/k/v, gate/up) share one statistic: it is com
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
 import torch
@@ -59,13 +59,6 @@ class LayerStats:
         rhs = w @ (self.cross + lam * eye)  # (out, in)
         m = torch.linalg.solve(self.fit + lam * eye, rhs.t()).t()  # rhs (C_ss + lambda I)^-1 (symmetric)
         return m.to(weight.dtype)
-
-    def to(self, device) -> "LayerStats":
-        """The same statistics on ``device``."""
-        def move(t):
-            return None if t is None else t.to(device)
-
-        return replace(self, fit=move(self.fit), held_out=move(self.held_out), cross=move(self.cross))
 
 
 @dataclass

@@ -429,37 +429,20 @@ def _swap(model, p: _Planned, new: nn.Module) -> None:
     p.spec = new.spec
 
 
-def _on_cpu(weight: torch.Tensor, stats):
-    """``weight`` and ``stats`` on the CPU, where every closed-form fit runs.
-
-    A fit is many small float64 problems (Cholesky, SVD, per-group solves, the permutation's
-    assignment); on a GPU each is a kernel launch and often a host sync, so the hybrid split of
-    SmolLM2 at 25% had not finished on an H200 after 330 s while it takes 480 s on one CPU
-    thread. The calibration forward passes, which are large, stay on the model's device."""
-    if weight.device.type in ("cpu", "meta"):
-        return weight, stats
-    return weight.cpu(), None if stats is None else stats.to("cpu")
-
-
 def _fit_swap(model, p: _Planned, cfg: GPConvConfig, stats) -> None:
     from .init import fit_layer
 
     old = p.module
     weight = _dense_weight(old, p.source)
-    device = weight.device
-    bias = getattr(old, "bias", None)
-    if cfg.init != "random":  # random init fits nothing: it stays where the model is
-        weight, stats = _on_cpu(weight, stats)
-        bias = None if bias is None else bias.cpu()
     if stats is not None and stats.cross is not None and cfg.init != "random":
         weight = stats.target(weight, cfg.ridge)  # sequential: match the dense model's output
-    new, err = fit_layer(p.spec, weight, bias, cfg.init, stats, cfg.ridge, cfg.permute)
+    new, err = fit_layer(p.spec, weight, getattr(old, "bias", None), cfg.init, stats, cfg.ridge, cfg.permute)
     if cfg.measure_options and cfg.init != "random":
         from .budget import option_errors
 
         p.options = option_errors(new.spec, weight, stats, _split_mcpg(cfg, p.name), cfg.ridge)
     p.error = err
-    _swap(model, p, new.to(device))
+    _swap(model, p, new)
 
 
 def _allocate(model, cfg: GPConvConfig, fresh: list[_Planned], planned, stats, before, meta) -> int | None:
@@ -478,9 +461,9 @@ def _allocate(model, cfg: GPConvConfig, fresh: list[_Planned], planned, stats, b
     by_role = meta or cfg.init == "random"  # no per-layer signal: same choice for same-role layers
     menus = {}
     for p in fresh:
-        w, st = (None, None) if meta else _on_cpu(_dense_weight(p.module, p.source), stats[p.name] if stats else None)
-        cov = st.fit if st else None
-        held = st.held_out if st else None
+        w = None if meta else _dense_weight(p.module, p.source)
+        cov = stats[p.name].fit if stats else None
+        held = stats[p.name].held_out if stats else None
         bias = getattr(p.module, "bias", None) is not None
         menus[p.name] = layer_options(family, p.in_features, p.out_features, bias, p.source, w, cov,
                                       _mcpg(cfg, p.name), cfg.ridge, cov_eval=held)
@@ -531,9 +514,10 @@ def _split(p: _Planned, budget: int, cfg: GPConvConfig, stats, meta: bool) -> No
         if fits:
             p.spec = max(fits, key=lambda o: (o.params, -o.error)).spec
         return
-    weight, st = _on_cpu(_dense_weight(p.module, p.source), stats[p.name] if stats else None)
-    best = best_split(p.in_features, p.out_features, bias, p.source, weight, st.fit if st else None, budget,
-                      _split_mcpg(cfg, p.name), cfg.ridge, cfg.permute, cov_eval=st.held_out if st else None)
+    st = stats[p.name] if stats else None
+    best = best_split(p.in_features, p.out_features, bias, p.source, _dense_weight(p.module, p.source),
+                      st.fit if st else None, budget, _split_mcpg(cfg, p.name), cfg.ridge, cfg.permute,
+                      cov_eval=st.held_out if st else None)
     if best is not None:
         p.spec = best.spec
 

@@ -126,9 +126,8 @@ def test_cuda_teacher_cache_under_bf16_autocast():
 
 def test_cuda_calibrated_hybrid_split_matches_cpu():
     """The calibrated surgery (fit init, hybrid split with the channel permutation, sequential,
-    corrected) with the model on the GPU (forward passes there, closed-form fits on the CPU)
-    picks the same block for every layer as on the CPU, leaves every tensor on the GPU, and the
-    shrunk models agree up to float rounding."""
+    corrected) runs where the model is: on the GPU it picks the same block for every layer as on
+    the CPU, leaves every tensor on the GPU, and the shrunk models agree up to float rounding."""
     import copy
 
     from gpconv.calibrate import Calibration
