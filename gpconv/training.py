@@ -89,8 +89,10 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grouped_lr_scale: float = 1.0
     """Multiplier of ``lr`` for the grouped weights of gpconv blocks (G1/G2); low-rank factors,
-    biases and every other parameter keep ``lr``. In a hybrid block the grouped weights are
-    several times larger than the low-rank factors, so one Adam step moves them relatively less."""
+    biases and every other parameter keep ``lr``. 1: one learning rate for all. For fitted
+    hybrid blocks 0.3 recovered better on SmolLM2 at 25% (docs/results.md, "The grouped
+    weights' learning rate"). A guess at why: the grouped part fits what the low-rank term leaves,
+    with large weights that partly cancel, which full-size Adam steps disturb."""
     max_grad_norm: float | None = 1.0
 
     # -- distillation loss: a*KL(teacher||student) at temperature T + b*CE + c*hidden-state error
