@@ -240,7 +240,8 @@ def main():
                 early (a time limit) keeps the curve so far, marked ``complete: false``."""
                 results[key] = {
                     "method": method, "tag": args.tag, "refine_steps": args.refine_steps,
-                    "hidden_weight": args.hidden_weight, "grouped_lr_scale": args.grouped_lr_scale, "teacher_top_k": args.teacher_top_k,
+                    "hidden_weight": args.hidden_weight, "grouped_lr_scale": args.grouped_lr_scale,
+                    "teacher_top_k": args.teacher_top_k,
                     "train_s": res and res.train_s, "teacher_s": res and res.teacher_s,
                     "fraction": fraction, "non_embedding": report.after.non_embedding,
                     "kept_fraction": report.kept_fraction, "trained": mode, "surgery_s": surgery_s,

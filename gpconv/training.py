@@ -300,9 +300,9 @@ def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     grouped = {id(m.weight) for m in model.modules() if isinstance(m, (GroupedPointwiseBlock, GroupedLinear))
                and isinstance(getattr(m, "weight", None), nn.Parameter)}
-    decay = [p for p in params if p.dim() >= 2 and id(p) not in grouped]  # matrices only, never biases/norms
-    blocks = [p for p in params if id(p) in grouped]  # grouped 3-d weights: a matrix each, maybe their own lr
-    rest = [p for p in params if p.dim() < 2 and id(p) not in grouped]
+    blocks = [p for p in params if id(p) in grouped]  # grouped 3-d weights: their own lr
+    decay = [p for p in params if p.dim() >= 2 and id(p) not in grouped]  # other matrices, never biases/norms
+    rest = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": blocks, "weight_decay": cfg.weight_decay, "lr": cfg.lr * cfg.grouped_lr_scale},
               {"params": rest, "weight_decay": 0.0}]
@@ -499,7 +499,8 @@ def _run(student, teacher, train_data, cfg: TrainConfig, val_data, tokenizer, ca
     optimizer = _optimizer(model, cfg)
     # stepped by hand: accelerate's prepared scheduler steps once per process, which would make
     # the schedule depend on the number of processes
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_factor(cfg, total))
+    lr_factor = _lr_factor(cfg, total)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     model, optimizer = acc.prepare(model, optimizer)
     core = acc.unwrap_model(model)
 
@@ -559,7 +560,7 @@ def _run(student, teacher, train_data, cfg: TrainConfig, val_data, tokenizer, ca
                 grad_norm = float(acc.clip_grad_norm_(trainable, cfg.max_grad_norm))
                 if not math.isfinite(grad_norm):
                     raise _diverged("gradient norm", grad_norm, step + 1, out)
-            lr = cfg.lr * scheduler.lr_lambdas[0](scheduler.last_epoch)  # the base lr's (grouped weights: x grouped_lr_scale)
+            lr = cfg.lr * lr_factor(scheduler.last_epoch)  # the base lr (grouped weights get x grouped_lr_scale)
             optimizer.step()
             if not acc.optimizer_step_was_skipped:  # fp16 overflow: the scale shrinks, the schedule waits
                 scheduler.step()
