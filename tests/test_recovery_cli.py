@@ -92,6 +92,26 @@ def test_distill_with_a_teacher_cache(setup, tmp_path):
     assert r.exit_code == 2 and "give --teacher-top-k" in r.output
 
 
+@pytest.mark.parametrize("command", ["distill", "train"])
+def test_options_reach_the_run_config(setup, tmp_path, command):
+    # every shared option lands in TrainConfig under its own name, including the three the CLI renames
+    d = setup
+    out = tmp_path / command
+    extra = ("--teacher", d / "teacher", "--kl-weight", 0.5, "--ce-weight", 0.25) if command == "distill" else ()
+    r = run(command, d / "student", *extra, "--data", d / "data.json", "--out", out, "--max-steps", 2, "--lr", 2e-3,
+            "--grad-accum", 2, "--warmup-ratio", 0.5, "--weight-decay", 0.01, "--max-grad-norm", 0,
+            "--grouped-lr-scale", 0.5, "--metrics", "csv", "--save-every", 0, "--log-every", 1, "--seed", 3, *COMMON)
+    assert r.exit_code == 0, r.output
+    cfg = json.loads((out / "train_config.json").read_text())
+    assert (cfg["lr"], cfg["grad_accum"], cfg["warmup_ratio"], cfg["weight_decay"]) == (2e-3, 2, 0.5, 0.01)
+    assert (cfg["max_grad_norm"], cfg["grouped_lr_scale"], cfg["metrics_format"]) == (None, 0.5, "csv")
+    assert (cfg["progress"], cfg["save_every"], cfg["log_every"], cfg["seed"], cfg["batch_size"]) == (False, 0, 1, 3, 4)
+    assert cfg["train"] == ("grouped" if command == "distill" else "all")
+    if command == "distill":
+        assert (cfg["kl_weight"], cfg["ce_weight"]) == (0.5, 0.25)
+    assert (out / "metrics.csv").is_file()
+
+
 def test_train_from_config_file(setup, tmp_path):
     cfg = tmp_path / "config.json"
     tiny_phi3(**SMALL)[0].config.to_json_file(cfg)
