@@ -323,6 +323,18 @@ def _lr_factor(cfg: TrainConfig, total: int) -> Callable[[int], float]:
     return factor
 
 
+def _forget_other_precision(wanted: str) -> None:
+    """accelerate keeps one process-wide AcceleratorState and refuses a second Accelerator with
+    another mixed precision ("restart your runtime"). Runs in one process are independent here
+    (an fp32 run, then a bf16 one, in one notebook), so drop the old state when its precision
+    differs; the process group (PartialState) is kept."""
+    from accelerate.state import AcceleratorState
+
+    old = AcceleratorState._shared_state.get("_mixed_precision")
+    if old is not None and old != wanted:
+        AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def _mixed_precision(precision: str) -> str:
     if precision == "auto":
         if not torch.cuda.is_available():
@@ -471,6 +483,7 @@ def _run(student, teacher, train_data, cfg: TrainConfig, val_data, tokenizer, ca
 
     # several processes without a GPU (torchrun on CPU): accelerate only picks gloo when told cpu=True
     cpu_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+    _forget_other_precision(_mixed_precision(cfg.precision))
     acc = Accelerator(mixed_precision=_mixed_precision(cfg.precision), cpu=cpu_group)
     out = _prepare_out_dir(cfg, acc.is_main_process)
     acc.wait_for_everyone()

@@ -1,6 +1,7 @@
 """Recovery training in one process: what trains, losses, guard rails, checkpoints, logs."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -330,3 +331,13 @@ def test_grouped_lr_scale_moves_only_grouped_weights_faster(scale):
         assert step[n] == pytest.approx(lr, rel=1e-3), n
     with pytest.raises(GPConvError, match="grouped_lr_scale"):
         TrainConfig(grouped_lr_scale=0)
+
+
+def test_runs_of_different_precision_in_one_process(data):
+    # accelerate's process-wide state refused a second run with another mixed precision
+    # ("restart your runtime"); each run is independent, so fp32 then bf16 then fp32 all train
+    tr, va, _ = data
+    for precision in ("fp32", "bf16", "fp32"):
+        student, teacher = _pair()
+        res = distill(student, teacher, tr, _cfg(max_steps=2, precision=precision))
+        assert res.steps == 2 and all(math.isfinite(h["loss"]) for h in res.history if "loss" in h)
