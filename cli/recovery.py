@@ -383,7 +383,7 @@ def generate(
     do_sample: bool = typer.Option(False, "--do-sample", help="Sample instead of greedy decoding."),
     temperature: float = typer.Option(0.2, "--temperature", help="Sampling temperature (with --do-sample)."),
     top_p: float = typer.Option(0.9, "--top-p", help="Nucleus sampling mass (with --do-sample)."),
-    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help=">1 discourages repeats."),
+    repetition_penalty: float = typer.Option(1.0, "--repetition-penalty", help="Above 1 discourages repeats."),
     system: Optional[str] = typer.Option(None, "--system", help="A system message (chat templates that support one)."),
     no_chat: bool = typer.Option(False, "--no-chat", help="Feed the prompt as raw text, not through the chat template."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed for sampling."),
