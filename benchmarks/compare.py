@@ -152,7 +152,7 @@ def main():
     ap.add_argument("--block-size", type=int, default=256)
     ap.add_argument("--lr", type=float, default=5e-4)
     ap.add_argument("--grouped-lr-scale", type=float, default=1.0,
-                    help="lr multiplier for the grouped weights of the blocks (TrainConfig.grouped_lr_scale)")
+                    help="lr multiplier for the grouped weights of the blocks (TrainConfig.grouped_lr_scale; 0: frozen)")
     ap.add_argument("--seed", type=int, default=0, help="training seed: the order of the recovery batches")
     ap.add_argument("--train-all", action="store_true",
                     help="every method trains all weights (default: only the new blocks where a method adds some)")

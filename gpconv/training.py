@@ -89,7 +89,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grouped_lr_scale: float = 1.0
     """Multiplier of ``lr`` for the grouped weights of gpconv blocks (G1/G2); low-rank factors,
-    biases and every other parameter keep ``lr``. 1: one learning rate for all. For fitted
+    biases and every other parameter keep ``lr``. 1: one learning rate for all; 0: the grouped
+    weights stay as initialised and get no gradient (their backward GEMMs are skipped). For fitted
     hybrid blocks 0.3 recovered better on SmolLM2 at 25% (docs/results.md, "The grouped
     weights' learning rate"). A guess at why: the grouped part fits what the low-rank term leaves,
     with large weights that partly cancel, which full-size Adam steps disturb."""
@@ -152,8 +153,8 @@ class TrainConfig:
             raise GPConvError(f"epochs must be > 0, got {self.epochs}")
         if self.lr <= 0:
             raise GPConvError(f"lr must be > 0, got {self.lr}")
-        if self.grouped_lr_scale <= 0:
-            raise GPConvError(f"grouped_lr_scale must be > 0, got {self.grouped_lr_scale}")
+        if self.grouped_lr_scale < 0:
+            raise GPConvError(f"grouped_lr_scale must be >= 0 (0: frozen), got {self.grouped_lr_scale}")
         if min(self.kl_weight, self.ce_weight, self.hidden_weight) < 0 or self.kl_weight + self.ce_weight + self.hidden_weight == 0:
             raise GPConvError("loss weights must be >= 0 and not all 0")
         if self.teacher_top_k < 0:
@@ -285,6 +286,24 @@ def _select_trainable(model: nn.Module, mode: str, cfg: TrainConfig) -> nn.Modul
     return model
 
 
+def _freeze_grouped_weights(model: nn.Module, cfg: TrainConfig) -> None:
+    """``grouped_lr_scale == 0``: the grouped weights (G1/G2) keep their init and need no gradient
+    (their backward GEMMs are skipped); low-rank factors, biases and the rest train as the mode says."""
+    if cfg.grouped_lr_scale:
+        return
+    for p in _grouped_weights(model):
+        p.requires_grad_(False)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise GPConvError("grouped_lr_scale 0 freezes the grouped weights and nothing else would train "
+                          "(pure grouped blocks: give a scale > 0, or train more with --train all)")
+
+
+def _grouped_weights(model: nn.Module) -> list[nn.Parameter]:
+    """The 3-d weights of the grouped maps inside gpconv blocks (io blocks, their hybrids, GroupedLinear)."""
+    return [m.weight for m in model.modules() if isinstance(m, (GroupedPointwiseBlock, GroupedLinear))
+            and isinstance(getattr(m, "weight", None), nn.Parameter)]
+
+
 def _enable_checkpointing(model: nn.Module) -> None:
     inner = unwrap(model)
     if not is_transformers(inner):
@@ -298,8 +317,7 @@ def _enable_checkpointing(model: nn.Module) -> None:
 
 def _optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
-    grouped = {id(m.weight) for m in model.modules() if isinstance(m, (GroupedPointwiseBlock, GroupedLinear))
-               and isinstance(getattr(m, "weight", None), nn.Parameter)}
+    grouped = {id(p) for p in _grouped_weights(model)}
     blocks = [p for p in params if id(p) in grouped]  # grouped 3-d weights: their own lr
     decay = [p for p in params if p.dim() >= 2 and id(p) not in grouped]  # other matrices, never biases/norms
     rest = [p for p in params if p.dim() < 2]
@@ -499,6 +517,7 @@ def _run(student, teacher, train_data, cfg: TrainConfig, val_data, tokenizer, ca
 
     was_trainable = {id(p): p.requires_grad for p in student.parameters()}
     model = _select_trainable(student, mode, cfg)
+    _freeze_grouped_weights(model, cfg)
     if cfg.gradient_checkpointing:
         _enable_checkpointing(model)
     model.train()

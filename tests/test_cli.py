@@ -75,7 +75,7 @@ def test_dry_run_writes_nothing(tmp_path):
         (["shrink", "{tmp}/corrupt", "--out", "{out}", "--init", "project"], "not a valid safetensors file"),
         (["shrink", "tiny-phi3", "--out", "{out}", "--refine-steps", "5"], "--refine-steps needs --sequential"),
         (["distill", "tiny-phi3", "--teacher", "tiny-phi3", "--data", "{tmp}/d.json", "--out", "{out}",
-          "--grouped-lr-scale", "0"], "grouped_lr_scale must be > 0"),
+          "--grouped-lr-scale", "-1"], "grouped_lr_scale must be >= 0"),
     ],
 )
 def test_user_errors_are_one_line_exit_2_nothing_written(tmp_path, args, message):

@@ -330,7 +330,29 @@ def test_grouped_lr_scale_moves_only_grouped_weights_faster(scale):
     for n in kinds["lowrank"] + kinds["bias"]:
         assert step[n] == pytest.approx(lr, rel=1e-3), n
     with pytest.raises(GPConvError, match="grouped_lr_scale"):
-        TrainConfig(grouped_lr_scale=0)
+        TrainConfig(grouped_lr_scale=-0.5)
+
+
+def test_grouped_lr_scale_zero_freezes_grouped_weights(data):
+    tr, va, _ = data
+    teacher, _ = tiny_phi3(seed=1, **SMALL)
+    student, _ = tiny_phi3(seed=1, **SMALL)
+    shrink(student, GPConvConfig(min_channels_per_group=16, variant="hybrid", rank=0.25, init="project"))
+    before = _state(student)
+    flags = {n: p.requires_grad for n, p in student.named_parameters()}
+    distill(student, teacher, tr, _cfg(max_steps=3, grouped_lr_scale=0))
+    after = student.state_dict()
+    grouped = [n for n, p in student.named_parameters() if p.dim() == 3]
+    lowrank = [n for n in after if "lowrank" in n]
+    assert grouped and lowrank
+    assert all(torch.equal(before[n], after[n]) for n in grouped)  # frozen: exactly as initialised
+    assert all(not torch.equal(before[n], after[n]) for n in lowrank)  # the low-rank factors trained
+    assert {n: p.requires_grad for n, p in student.named_parameters()} == flags  # flags handed back
+
+    # pure io blocks without biases (Phi-3): freezing their weights leaves nothing to train in grouped mode
+    plain, _ = _pair()
+    with pytest.raises(GPConvError, match="nothing else would train"):
+        distill(plain, teacher, tr, _cfg(max_steps=1, grouped_lr_scale=0))
 
 
 def test_runs_of_different_precision_in_one_process(data):
