@@ -91,8 +91,8 @@ class TrainConfig:
     """Multiplier of ``lr`` for the grouped weights of gpconv blocks (G1/G2); low-rank factors,
     biases and every other parameter keep ``lr``. 1: one learning rate for all; 0: the grouped
     weights stay as initialised and get no gradient (their backward GEMMs are skipped). For fitted
-    hybrid blocks 0.3 recovered better on SmolLM2 at 25% (docs/results.md, "The grouped
-    weights' learning rate"). A guess at why: the grouped part fits what the low-rank term leaves,
+    hybrid blocks 0.3 recovered better on SmolLM2 after 30,720 tokens, and no better than 1 after
+    153,600 (docs/results.md, "The grouped weights' learning rate"). A guess at why: the grouped part fits what the low-rank term leaves,
     with large weights that partly cancel, which full-size Adam steps disturb."""
     max_grad_norm: float | None = 1.0
 
