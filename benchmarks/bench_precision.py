@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("student", help="a saved gpconv model directory")
     ap.add_argument("--teacher", default="smollm2-135m-instruct")
     ap.add_argument("--data", default=DEFAULT_DATA)
+    ap.add_argument("--format", default="chat-template", help="data format (gpconv.build_datasets)")
     ap.add_argument("--steps", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--batch-size", type=int, default=4)
@@ -39,7 +40,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     teacher, tok = gpconv.load_model(args.teacher)
     base = gpconv.from_pretrained(args.student)
-    train, _ = gpconv.build_datasets(args.data, tok, format="chat-template", block_size=args.block_size, val_size=16)
+    train, _ = gpconv.build_datasets(args.data, tok, format=args.format, block_size=args.block_size, val_size=16)
     times: dict[str, list[float]] = {"fp32": [], "bf16": []}
     for rnd in range(args.rounds):
         for precision in times:

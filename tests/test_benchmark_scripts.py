@@ -1,7 +1,8 @@
 """benchmarks/compare.py's student hand-over (surgery on one machine, recovery on another):
 ``--save-students`` writes a student that ``--students`` loads back with identical logits, and
 benchmarks/pack_student.py's smaller copy (tensors equal to the teacher's left out, matrices in
-bf16) loads back to the same model up to bf16 rounding."""
+bf16) loads back to the same model up to bf16 rounding; benchmarks/bench_precision.py trains in both
+precisions."""
 
 import importlib.util
 import sys
@@ -60,3 +61,23 @@ def test_saved_and_packed_students_load_back(tmp_path, monkeypatch):
     got = _logits(small, ids)
     assert not torch.equal(got, want)  # bf16 rounding is visible ...
     torch.testing.assert_close(got, want, atol=0.05, rtol=0.05)  # ... and small
+
+
+def test_bench_precision_runs_both_precisions(tmp_path, monkeypatch, capsys):
+    import json
+
+    bench = _script("bench_precision")
+    student, tok = gpconv.load_model("tiny-phi3")
+    shrink(student, GPConvConfig(min_channels_per_group=64, init="project"))
+    gpconv.save_pretrained(student, tmp_path / "student", tok)
+    rows = [{"instruction": f"Say {w}", "response": w} for w in ["one", "two", "three", "four"] * 12]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    monkeypatch.setattr(sys, "argv", ["bench_precision.py", str(tmp_path / "student"), "--teacher", "tiny-phi3",
+                                      "--data", str(tmp_path / "d.jsonl"), "--format", "kphi3", "--steps", "2",
+                                      "--rounds", "1", "--batch-size", "2", "--block-size", "32"])
+    bench.main()
+    out = capsys.readouterr().out
+    losses = {line.split()[2].rstrip(":"): float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if line.startswith("round")}
+    assert set(losses) == {"fp32", "bf16"}
+    assert abs(losses["bf16"] - losses["fp32"]) < 0.05 * losses["fp32"]  # same step, bf16 rounding only
+    assert "fp32 / bf16 time, best of 1:" in out
