@@ -128,13 +128,26 @@ def _load(spec: str, dtype: str):
     return gpconv.load_model(spec, dtype=dtype)
 
 
-def _config(out: Path, *, metrics: str, no_progress: bool, max_grad_norm: float, **fields):
-    """The run's TrainConfig from the shared options, all by keyword. Three CLI names differ from
-    TrainConfig's: --metrics (metrics_format), --no-progress (progress) and --max-grad-norm 0 (None: off)."""
+# The training options distill and train share, as their parameters are named; each becomes the
+# TrainConfig field of the same name, except the three _config renames.
+_SHARED = ("max_steps", "epochs", "batch_size", "grad_accum", "lr", "warmup_ratio", "weight_decay", "max_grad_norm",
+           "grouped_lr_scale", "lora_r", "lora_alpha", "precision", "gradient_checkpointing", "save_every",
+           "keep_checkpoints", "eval_every", "eval_batches", "log_every", "metrics", "resume", "overwrite",
+           "no_progress", "seed")
+
+
+def _config(options: dict, **fields):
+    """The run's TrainConfig from a command's parameters (``locals()``): the shared options, plus
+    ``fields`` (a command's own). Three CLI names differ from TrainConfig's: --metrics
+    (metrics_format), --no-progress (progress) and --max-grad-norm 0 (None: off); --train is
+    ``train_mode`` here, as ``train`` is the command."""
     from gpconv.training import TrainConfig, check_run_dir
 
-    cfg = TrainConfig(out_dir=str(out), metrics_format=metrics, progress=not no_progress,
-                      max_grad_norm=max_grad_norm or None, **fields)
+    shared = {name: options[name] for name in _SHARED}
+    metrics, no_progress, max_grad_norm = shared.pop("metrics"), shared.pop("no_progress"), shared.pop("max_grad_norm")
+    out = options["out"]
+    cfg = TrainConfig(out_dir=str(out), train=options["train_mode"], metrics_format=metrics, progress=not no_progress,
+                      max_grad_norm=max_grad_norm or None, **shared, **fields)
     check_run_dir(out, cfg.resume, cfg.overwrite)  # before loading anything
     return cfg
 
@@ -193,15 +206,8 @@ def distill(
     """Distil a shrunk student from its teacher (loss a·KL + b·CE + c·hidden-state error); the teacher stays frozen."""
     import gpconv
 
-    cfg = _config(out, train=train_mode, max_steps=max_steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
-                  lr=lr, warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-                  grouped_lr_scale=grouped_lr_scale, lora_r=lora_r, lora_alpha=lora_alpha, precision=precision,
-                  gradient_checkpointing=gradient_checkpointing, save_every=save_every,
-                  keep_checkpoints=keep_checkpoints, eval_every=eval_every, eval_batches=eval_batches,
-                  log_every=log_every, metrics=metrics, resume=resume, overwrite=overwrite, no_progress=no_progress,
-                  seed=seed,
-                  kl_weight=kl_weight, ce_weight=ce_weight, hidden_weight=hidden_weight, temperature=temperature,
-                  teacher_top_k=teacher_top_k)
+    cfg = _config(locals(), kl_weight=kl_weight, ce_weight=ce_weight, hidden_weight=hidden_weight,
+                  temperature=temperature, teacher_top_k=teacher_top_k)
     rows = _rows(data, fmt, val_size, max_samples, streaming, cfg)
     cache = _open_teacher_cache(teacher_cache, cfg)
     s_model, s_tok = _load(student, dtype)
@@ -289,13 +295,7 @@ def train(
     """Train with plain next-token cross-entropy: fine-tune, or train from scratch from a config."""
     import gpconv
 
-    cfg = _config(out, train=train_mode, max_steps=max_steps, epochs=epochs, batch_size=batch_size, grad_accum=grad_accum,
-                  lr=lr, warmup_ratio=warmup_ratio, weight_decay=weight_decay, max_grad_norm=max_grad_norm,
-                  grouped_lr_scale=grouped_lr_scale, lora_r=lora_r, lora_alpha=lora_alpha, precision=precision,
-                  gradient_checkpointing=gradient_checkpointing, save_every=save_every,
-                  keep_checkpoints=keep_checkpoints, eval_every=eval_every, eval_batches=eval_batches,
-                  log_every=log_every, metrics=metrics, resume=resume, overwrite=overwrite, no_progress=no_progress,
-                  seed=seed)
+    cfg = _config(locals())
     rows = _rows(data, fmt, val_size, max_samples, streaming, cfg)
     m, tok = _load(model, dtype)
     if tokenizer is not None:

@@ -92,8 +92,9 @@ class TrainConfig:
     biases and every other parameter keep ``lr``. 1: one learning rate for all; 0: the grouped
     weights stay as initialised and get no gradient (their backward GEMMs are skipped). For fitted
     hybrid blocks 0.3 recovered better on SmolLM2 after 30,720 tokens, and no better than 1 after
-    153,600 (docs/results.md, "The grouped weights' learning rate"). A guess at why: the grouped part fits what the low-rank term leaves,
-    with large weights that partly cancel, which full-size Adam steps disturb."""
+    153,600 (docs/results.md, "The grouped weights' learning rate"). A guess at why: the grouped
+    part fits what the low-rank term leaves, with large weights that partly cancel, which
+    full-size Adam steps disturb."""
     max_grad_norm: float | None = 1.0
 
     # -- distillation loss: a*KL(teacher||student) at temperature T + b*CE + c*hidden-state error
@@ -501,8 +502,9 @@ def _run(student, teacher, train_data, cfg: TrainConfig, val_data, tokenizer, ca
 
     # several processes without a GPU (torchrun on CPU): accelerate only picks gloo when told cpu=True
     cpu_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
-    _forget_other_precision(_mixed_precision(cfg.precision))
-    acc = Accelerator(mixed_precision=_mixed_precision(cfg.precision), cpu=cpu_group)
+    mixed = _mixed_precision(cfg.precision)
+    _forget_other_precision(mixed)
+    acc = Accelerator(mixed_precision=mixed, cpu=cpu_group)
     out = _prepare_out_dir(cfg, acc.is_main_process)
     acc.wait_for_everyone()
     save_every = cfg.save_every if out is not None else 0
