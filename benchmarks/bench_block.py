@@ -4,6 +4,7 @@
     python benchmarks/bench_block.py --json out.json      # table + JSON
     python benchmarks/bench_block.py --legacy             # also time the previous gather+bmm code
     python benchmarks/bench_block.py --floor              # also time the bare GEMMs (the floor)
+    python benchmarks/bench_block.py --torch-copy         # also time the block without gpconv._native
     python benchmarks/bench_block.py --device cuda --dtype bfloat16   # on a GPU (the issue's bf16 check)
 
 For each shape (groups from the paper's rule at --min-channels-per-group), token count, and pass
@@ -22,6 +23,10 @@ un-interleaving add. Forward: ``(g, N, c) @ (g, c, oc)`` twice; forward+backward
 computes nothing useful; its time/param is what any implementation built on these batched
 GEMMs could reach at best, i.e. how much of the gap to the target is data movement and how much
 is MKL running narrow GEMMs less efficiently than one wide dense one.
+
+``--torch-copy`` adds the same block with ``gpconv.layers.NATIVE = False``: the interleave and
+the backward's un-interleaving add done by torch's strided copies instead of the C kernels in
+gpconv/_native.c, so the kernels' effect is measured side by side in the same run.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import time
 import torch
 from torch import nn
 
+from gpconv import layers
 from gpconv.grouping import group_count
 from gpconv.layers import GroupedPointwiseBlock
 
@@ -82,6 +88,17 @@ def _case_fns(module_fn, x, params, dy, backward: bool):
     return run
 
 
+def _without_native(fn):
+    """``fn`` with gpconv's C interleave kernels switched off for the duration of each call."""
+    def run():
+        before, layers.NATIVE = layers.NATIVE, False
+        try:
+            fn()
+        finally:
+            layers.NATIVE = before
+    return run
+
+
 def floor_fn(n: int, n_in: int, n_out: int, g: int, backward: bool, dtype=torch.float32, device="cpu"):
     """The block's batched GEMMs alone, contiguous operands and outputs (see the module notes)."""
     c, oc = n_in // g, n_out // g
@@ -121,6 +138,8 @@ def bench(shapes, tokens, reps: int, mcpg: int, extras=(), dtype=torch.float32, 
                     impls["legacy"] = _case_fns(lambda t: legacy_forward(block, t), x, list(block.parameters()), dy, backward)
                 if "floor" in extras:
                     impls["floor"] = floor_fn(n, n_in, n_out, g, backward, dtype, device)
+                if "torch-copy" in extras:
+                    impls["torch-copy"] = _without_native(_case_fns(block, x, list(block.parameters()), dy, backward))
                 # calls per sample: enough that one sample is >= ~20 ms (1-token calls are short)
                 for fn in impls.values():
                     fn()  # warm-up (allocations, MKL handles)
@@ -174,6 +193,7 @@ def machine(device: str = "cpu") -> dict:
     )
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    info["native"] = "off" if not layers.NATIVE else ("built" if layers._native is not None else "not built")
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
@@ -201,6 +221,8 @@ def main(argv=None) -> int:
     ap.add_argument("--legacy", action="store_true", help="also time the previous code (gather + bmm + transpose; today's small-N path)")
     ap.add_argument("--floor", action="store_true",
                     help="also time the block's batched GEMMs alone on contiguous operands (the floor for this design)")
+    ap.add_argument("--torch-copy", action="store_true",
+                    help="also time the block with gpconv's C interleave kernels off (torch's copies)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--json", default=None, help="write rows + machine info to this file")
@@ -215,8 +237,8 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     info = machine(args.device)
     load_before = loadavg()
-    print(f"# {info.get('gpu', info.get('cpu', '?'))}, {args.dtype}, torch {info['torch']}, threads {info['threads']}, loadavg {load_before}")
-    extras = [k for k in ("legacy", "floor") if getattr(args, k)]
+    print(f"# {info.get('gpu', info.get('cpu', '?'))}, {args.dtype}, torch {info['torch']}, threads {info['threads']}, native kernels {info['native']}, loadavg {load_before}")
+    extras = [k for k in ("legacy", "floor", "torch-copy") if getattr(args, k.replace("-", "_"))]
     print(_header(extras))
     rows = bench(shapes, args.tokens, args.reps, args.min_channels_per_group, extras, dtype, args.device)
     load_after = loadavg()

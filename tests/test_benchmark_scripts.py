@@ -8,6 +8,7 @@ import importlib.util
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 import gpconv
@@ -81,3 +82,22 @@ def test_bench_precision_runs_both_precisions(tmp_path, monkeypatch, capsys):
     assert set(losses) == {"fp32", "bf16"}
     assert abs(losses["bf16"] - losses["fp32"]) < 0.05 * losses["fp32"]  # same step, bf16 rounding only
     assert "fp32 / bf16 time, best of 1:" in out
+
+
+def test_bench_block_times_every_side(tmp_path):
+    """bench_block.py at one Phi-3 shape on the many-token CPU path: dense, grouped, floor and the
+    block without the native kernels, in one run, with ratios computed from the same medians."""
+    import json
+
+    bench = _script("bench_block")
+    out = tmp_path / "block.json"
+    assert bench.main(["--layers", "o_proj", "--tokens", "128", "--reps", "1", "--threads", "1",
+                       "--floor", "--torch-copy", "--json", str(out)]) == 0
+    rep = json.loads(out.read_text())
+    assert [r["pass_"] for r in rep["rows"]] == ["forward", "forward+backward"]
+    for r in rep["rows"]:
+        assert r["groups"] == 12 and r["param_ratio"] == 2 / 12
+        assert set(r["samples_ms"]) == {"dense", "grouped", "floor", "torch-copy"}
+        assert r["time_over_param"] == pytest.approx(r["grouped_ms"] / r["dense_ms"] / r["param_ratio"])
+        assert r["torch-copy_ms"] > 0 and r["floor_ms"] > 0
+    assert rep["machine"]["native"] in ("built", "not built")
