@@ -5,6 +5,7 @@
     python benchmarks/bench_block.py --legacy             # also time the previous gather+bmm code
     python benchmarks/bench_block.py --floor              # also time the bare GEMMs (the floor)
     python benchmarks/bench_block.py --torch-copy         # also time the block without gpconv._native
+    python benchmarks/bench_block.py --two-gemm           # ... and with the native copies but not the fused forward
     python benchmarks/bench_block.py --device cuda --dtype bfloat16   # on a GPU (the issue's bf16 check)
 
 For each shape (groups from the paper's rule at --min-channels-per-group), token count, and pass
@@ -27,6 +28,10 @@ is MKL running narrow GEMMs less efficiently than one wide dense one.
 ``--torch-copy`` adds the same block with ``gpconv.layers.NATIVE = False``: the interleave and
 the backward's un-interleaving add done by torch's strided copies instead of the C kernels in
 gpconv/_native.c, so the kernels' effect is measured side by side in the same run.
+``--two-gemm`` adds the block with the native copies but ``gpconv.layers.FUSED_FORWARD = False``
+(the interleaved copy + two MKL GEMMs forward), and ``--fused`` the block with the fused forward
+forced on every shape (``FUSED_MAX_OUT_PER_GROUP`` lifted): the default picks between the two
+by the group width, and these sides show what each would give.
 """
 
 from __future__ import annotations
@@ -88,15 +93,25 @@ def _case_fns(module_fn, x, params, dy, backward: bool):
     return run
 
 
-def _without_native(fn):
-    """``fn`` with gpconv's C interleave kernels switched off for the duration of each call."""
+def _with(fn, **settings):
+    """``fn`` with attributes of gpconv.layers set to ``settings`` for the duration of each call."""
     def run():
-        before, layers.NATIVE = layers.NATIVE, False
+        before = {k: getattr(layers, k) for k in settings}
+        for k, v in settings.items():
+            setattr(layers, k, v)
         try:
             fn()
         finally:
-            layers.NATIVE = before
+            for k, v in before.items():
+                setattr(layers, k, v)
     return run
+
+
+VARIANTS = {  # extra sides: the same block under other gpconv.layers settings
+    "torch-copy": dict(NATIVE=False),
+    "two-gemm": dict(FUSED_FORWARD=False),
+    "fused": dict(FUSED_MAX_OUT_PER_GROUP=1 << 30),
+}
 
 
 def floor_fn(n: int, n_in: int, n_out: int, g: int, backward: bool, dtype=torch.float32, device="cpu"):
@@ -138,8 +153,9 @@ def bench(shapes, tokens, reps: int, mcpg: int, extras=(), dtype=torch.float32, 
                     impls["legacy"] = _case_fns(lambda t: legacy_forward(block, t), x, list(block.parameters()), dy, backward)
                 if "floor" in extras:
                     impls["floor"] = floor_fn(n, n_in, n_out, g, backward, dtype, device)
-                if "torch-copy" in extras:
-                    impls["torch-copy"] = _without_native(_case_fns(block, x, list(block.parameters()), dy, backward))
+                for k, settings in VARIANTS.items():
+                    if k in extras:
+                        impls[k] = _with(_case_fns(block, x, list(block.parameters()), dy, backward), **settings)
                 # calls per sample: enough that one sample is >= ~20 ms (1-token calls are short)
                 for fn in impls.values():
                     fn()  # warm-up (allocations, MKL handles)
@@ -222,7 +238,11 @@ def main(argv=None) -> int:
     ap.add_argument("--floor", action="store_true",
                     help="also time the block's batched GEMMs alone on contiguous operands (the floor for this design)")
     ap.add_argument("--torch-copy", action="store_true",
-                    help="also time the block with gpconv's C interleave kernels off (torch's copies)")
+                    help="also time the block with gpconv's C kernels off (torch's copies, two MKL GEMMs)")
+    ap.add_argument("--two-gemm", action="store_true",
+                    help="also time the block with the native copies but not the fused forward")
+    ap.add_argument("--fused", action="store_true",
+                    help="also time the block with the fused forward on every shape")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--json", default=None, help="write rows + machine info to this file")
@@ -238,7 +258,7 @@ def main(argv=None) -> int:
     info = machine(args.device)
     load_before = loadavg()
     print(f"# {info.get('gpu', info.get('cpu', '?'))}, {args.dtype}, torch {info['torch']}, threads {info['threads']}, native kernels {info['native']}, loadavg {load_before}")
-    extras = [k for k in ("legacy", "floor", "torch-copy") if getattr(args, k.replace("-", "_"))]
+    extras = [k for k in ("legacy", "floor", *VARIANTS) if getattr(args, k.replace("-", "_"))]
     print(_header(extras))
     rows = bench(shapes, args.tokens, args.reps, args.min_channels_per_group, extras, dtype, args.device)
     load_after = loadavg()

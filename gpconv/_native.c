@@ -4,7 +4,9 @@
  *   interleave(src, dst, n, c, g)          dst (n, g, c)  <- src (n, c, g)   per token a (c, g) -> (g, c) transpose
  *   uninterleave_add(src, dst, n, c, g)    dst (n, c, g) += src (g, n, c)    the backward's scatter, as an add
  *
- * Both are the interleave of the kphi-3 block: channel i*g + k of a token is channel k*c + i of its
+ *   io_forward(x, w, bias, y, n, in, out, g)  y (n, out) = the whole io block, G1(x) + G2(interleave(x)) + bias
+ *
+ * The first two are the interleave of the kphi-3 block: channel i*g + k of a token is channel k*c + i of its
  * interleaved copy. torch does them as a strided elementwise copy, one scalar load per element at
  * a stride of g floats (about 3x a plain copy for Phi-3's down_proj, docs/speed.md). Here each token
  * is transposed in 16 x 16 tiles held in AVX-512 registers, which runs near plain-copy speed. CPUs
@@ -14,6 +16,12 @@
  * checks dtype, contiguity and shapes before calling. The GIL is released while copying, and
  * `threads` > 1 splits the tokens over that many pthreads.
  *
+ * io_forward (AVX-512 only) fuses the interleave into a hand-written GEMM: a block of 48 tokens is
+ * transposed once into a channel-major scratch tile (xt), after which a group's own channels and its
+ * interleaved channels are both just rows of xt, and each output tile of 48 tokens x 8 outputs is 24
+ * accumulators fed by one pass over the group's 2c inputs. No interleaved copy of x is written to
+ * memory and the two halves are one GEMM instead of two (docs/speed.md has the measurements).
+ *
  * Optional: setup.py builds it with optional=True, and gpconv falls back to torch's copy when it
  * is missing or GPCONV_NATIVE=0.
  */
@@ -21,6 +29,7 @@
 #include <Python.h>
 #include <pthread.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
@@ -32,7 +41,10 @@ typedef struct {
     const float *src;
     float *dst;
     int64_t n0, n1, n, c, g;
-    int kind; /* 0 interleave, 1 uninterleave_add */
+    int kind; /* 0 interleave, 1 uninterleave_add, 2 io_forward */
+    const float *w, *bias; /* io_forward only */
+    int64_t out;
+    int failed;
 } job_t;
 
 static int have_avx512 = 0;
@@ -134,9 +146,99 @@ __attribute__((target("avx512f"))) static void uninterleave_add_avx512(const flo
         }
     }
 }
+
+/* ---- io_forward: the fused block (AVX-512) ------------------------------------------------- */
+
+#define FWD_OT 8  /* outputs per tile: 8 broadcasts per input channel ...                       */
+#define FWD_TV 3  /* ... times 3 vectors of 16 tokens = 24 accumulators, 48 tokens per tile.    */
+#define FWD_TB 48 /* tokens per transposed block: xt (in x 48 floats) stays in L2 (1.5 MB at in=8192);
+                     96 or 192 measured slower, 48 tokens of 4 or 6 outputs no faster (docs/speed.md) */
+
+__attribute__((target("avx512f"))) static void io_forward_avx512(const float *x, const float *w, const float *bias,
+                                                                  float *y, int64_t n0, int64_t n1, int64_t in,
+                                                                  int64_t out, int64_t g, float *xt, float *wpad) {
+    const int64_t c = in / g, oc = out / g, k2 = 2 * c, nt = (oc + FWD_OT - 1) / FWD_OT;
+    float tmp[FWD_OT][16 * FWD_TV] __attribute__((aligned(64)));
+    for (int64_t tb0 = n0; tb0 < n1; tb0 += FWD_TB) {
+        const int64_t nb = n1 - tb0 < FWD_TB ? n1 - tb0 : FWD_TB; /* tokens in this block; the rest are zeros */
+        /* xt[ch][t] = x[tb0 + t][ch]: (48, in) -> (in, 48) in 16 x 16 register tiles */
+        for (int64_t t0 = 0; t0 < FWD_TB; t0 += 16) {
+            for (int64_t ch0 = 0; ch0 < in; ch0 += 16) {
+                const int chw = (int)(in - ch0 < 16 ? in - ch0 : 16);
+                const __mmask16 m = (__mmask16)((1u << chw) - 1);
+                __m512 r[16];
+                for (int j = 0; j < 16; j++)
+                    r[j] = t0 + j < nb ? _mm512_maskz_loadu_ps(m, x + (tb0 + t0 + j) * in + ch0) : _mm512_setzero_ps();
+                transpose16(r);
+                for (int j = 0; j < chw; j++) _mm512_store_ps(xt + (ch0 + j) * FWD_TB + t0, r[j]);
+            }
+        }
+        for (int64_t k = 0; k < g; k++) {
+            for (int64_t ot = 0; ot < nt; ot++) {
+                const int64_t ow = oc - ot * FWD_OT < FWD_OT ? oc - ot * FWD_OT : FWD_OT;
+                const float *wt = w + (k * oc + ot * FWD_OT) * k2; /* FWD_OT rows of the (g, oc, 2c) weight */
+                if (ow < FWD_OT) { /* last tile of a group whose oc is not a multiple of 8: zero rows */
+                    memset(wpad, 0, sizeof(float) * FWD_OT * k2);
+                    memcpy(wpad, wt, sizeof(float) * ow * k2);
+                    wt = wpad;
+                }
+                __m512 acc[FWD_OT][FWD_TV];
+                for (int o = 0; o < FWD_OT; o++)
+                    for (int v = 0; v < FWD_TV; v++) acc[o][v] = _mm512_setzero_ps();
+                /* own half: input channel j of group k is channel k*c + j */
+                const float *ao = xt + k * c * FWD_TB;
+                for (int64_t j = 0; j < c; j++) {
+                    __m512 a[FWD_TV];
+                    for (int v = 0; v < FWD_TV; v++) a[v] = _mm512_load_ps(ao + j * FWD_TB + 16 * v);
+                    for (int o = 0; o < FWD_OT; o++) {
+                        const __m512 b = _mm512_set1_ps(wt[o * k2 + j]);
+                        for (int v = 0; v < FWD_TV; v++) acc[o][v] = _mm512_fmadd_ps(a[v], b, acc[o][v]);
+                    }
+                }
+                /* interleaved half: its channel j is channel j*g + k of x (the interleave, read in place) */
+                const float *am = xt + k * FWD_TB;
+                for (int64_t j = 0; j < c; j++) {
+                    __m512 a[FWD_TV];
+                    for (int v = 0; v < FWD_TV; v++) a[v] = _mm512_load_ps(am + j * g * FWD_TB + 16 * v);
+                    for (int o = 0; o < FWD_OT; o++) {
+                        const __m512 b = _mm512_set1_ps(wt[o * k2 + c + j]);
+                        for (int v = 0; v < FWD_TV; v++) acc[o][v] = _mm512_fmadd_ps(a[v], b, acc[o][v]);
+                    }
+                }
+                for (int o = 0; o < FWD_OT; o++)
+                    for (int v = 0; v < FWD_TV; v++) _mm512_store_ps(&tmp[o][16 * v], acc[o][v]);
+                float *yb = y + tb0 * out + k * oc + ot * FWD_OT; /* (tokens, outputs) back to token-major */
+                for (int64_t t = 0; t < nb; t++)
+                    for (int64_t o = 0; o < ow; o++)
+                        yb[t * out + o] = tmp[o][t] + (bias ? bias[k * oc + ot * FWD_OT + o] : 0.0f);
+            }
+        }
+    }
+}
 #endif
 
+static void io_forward_job(job_t *j) {
+#ifdef GPCONV_X86
+    const int64_t in = j->c * j->g;
+    float *xt = aligned_alloc(64, sizeof(float) * (size_t)(in * FWD_TB));
+    float *wpad = malloc(sizeof(float) * (size_t)(FWD_OT * 2 * j->c));
+    if (xt == NULL || wpad == NULL) {
+        j->failed = 1;
+    } else {
+        io_forward_avx512(j->src, j->w, j->bias, j->dst, j->n0, j->n1, in, j->out, j->g, xt, wpad);
+    }
+    free(xt);
+    free(wpad);
+#else
+    j->failed = 1;
+#endif
+}
+
 static void run_job(job_t *j) {
+    if (j->kind == 2) {
+        io_forward_job(j);
+        return;
+    }
 #ifdef GPCONV_X86
     if (have_avx512) {
         if (j->kind == 0)
@@ -159,8 +261,10 @@ static void *thread_main(void *arg) {
 
 #define MAX_THREADS 64
 
-/* Split tokens over `threads` workers (the caller's thread is one of them). */
-static void run_split(const float *src, float *dst, int64_t n, int64_t c, int64_t g, int kind, int threads) {
+/* Split tokens over `threads` workers (the caller's thread is one of them); returns 0, or -1 if a
+   worker failed (out of memory, or io_forward without AVX-512). */
+static int run_split(job_t proto, int threads) {
+    const int64_t n = proto.n;
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > n) threads = (int)(n > 0 ? n : 1);
@@ -168,16 +272,22 @@ static void run_split(const float *src, float *dst, int64_t n, int64_t c, int64_
     pthread_t tid[MAX_THREADS];
     int started[MAX_THREADS] = {0};
     for (int w = 0; w < threads; w++) {
-        jobs[w] = (job_t){src, dst, n * w / threads, n * (w + 1) / threads, n, c, g, kind};
+        jobs[w] = proto;
+        jobs[w].n0 = n * w / threads;
+        jobs[w].n1 = n * (w + 1) / threads;
+        jobs[w].failed = 0;
     }
     for (int w = 1; w < threads; w++) started[w] = pthread_create(&tid[w], NULL, thread_main, &jobs[w]) == 0;
     run_job(&jobs[0]);
+    int failed = jobs[0].failed;
     for (int w = 1; w < threads; w++) {
         if (started[w])
             pthread_join(tid[w], NULL);
         else
             run_job(&jobs[w]); /* could not start a thread: do its share here */
+        failed |= jobs[w].failed;
     }
+    return failed ? -1 : 0;
 }
 
 static PyObject *call(PyObject *args, int kind) {
@@ -189,13 +299,39 @@ static PyObject *call(PyObject *args, int kind) {
         PyErr_SetString(PyExc_ValueError, "gpconv._native: need n >= 0, c >= 1, g >= 1");
         return NULL;
     }
+    job_t proto = {(const float *)(uintptr_t)src, (float *)(uintptr_t)dst, 0, 0, n, c, g, kind, NULL, NULL, 0, 0};
     Py_BEGIN_ALLOW_THREADS
-    run_split((const float *)(uintptr_t)src, (float *)(uintptr_t)dst, n, c, g, kind, threads);
+    run_split(proto, threads);
     Py_END_ALLOW_THREADS
     Py_RETURN_NONE;
 }
 
 static PyObject *py_interleave(PyObject *self, PyObject *args) { return call(args, 0); }
+
+static PyObject *py_io_forward(PyObject *self, PyObject *args) {
+    unsigned long long x, w, bias, y;
+    long long n, in, out, g;
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "KKKKLLLL|i", &x, &w, &bias, &y, &n, &in, &out, &g, &threads)) return NULL;
+    if (n < 0 || g < 1 || in < g || out < g || in % g || out % g) {
+        PyErr_SetString(PyExc_ValueError, "gpconv._native.io_forward: need n >= 0 and g dividing in and out");
+        return NULL;
+    }
+    if (!have_avx512) {
+        PyErr_SetString(PyExc_RuntimeError, "gpconv._native.io_forward needs AVX-512");
+        return NULL;
+    }
+    job_t proto = {(const float *)(uintptr_t)x, (float *)(uintptr_t)y, 0, 0, n, in / g, g, 2,
+                   (const float *)(uintptr_t)w, (const float *)(uintptr_t)bias, out, 0};
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = run_split(proto, threads);
+    Py_END_ALLOW_THREADS
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
+static PyObject *py_has_avx512(PyObject *self, PyObject *args) { return PyBool_FromLong(have_avx512); }
 static PyObject *py_uninterleave_add(PyObject *self, PyObject *args) { return call(args, 1); }
 
 /* Tests run both versions on an AVX-512 machine: set_avx512(False) forces the portable loops. */
@@ -215,6 +351,10 @@ static PyMethodDef methods[] = {
      "interleave(src_ptr, dst_ptr, n, c, g, threads=1): float32 dst (n, g, c) <- src (n, c, g)."},
     {"uninterleave_add", py_uninterleave_add, METH_VARARGS,
      "uninterleave_add(src_ptr, dst_ptr, n, c, g, threads=1): float32 dst (n, c, g) += src (g, n, c) permuted."},
+    {"io_forward", py_io_forward, METH_VARARGS,
+     "io_forward(x_ptr, w_ptr, bias_ptr_or_0, y_ptr, n, in, out, g, threads=1): float32 y (n, out) = the io block "
+     "on x (n, in) with weight (g, out/g, 2*in/g); AVX-512 only."},
+    {"has_avx512", py_has_avx512, METH_NOARGS, "has_avx512() -> bool: are the AVX-512 kernels in use?"},
     {"set_avx512", py_set_avx512, METH_VARARGS,
      "set_avx512(on) -> bool: use the AVX-512 kernels when the CPU has them (on) or the portable ones; returns the old setting."},
     {NULL, NULL, 0, NULL},

@@ -404,6 +404,41 @@ def _interleave_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     return out.copy_(x.view(n, c, g).transpose(1, 2))  # (N, in) -> (N, c, g) -> (N, g, c)
 
 
+FUSED_FORWARD = True
+"""CPU float32 with AVX-512: run the io block's forward as gpconv._native.io_forward, one fused
+interleave + GEMM, instead of an interleaved copy and two MKL GEMMs (docs/speed.md). Only
+consulted when :data:`NATIVE` is on."""
+
+FUSED_MAX_OUT_PER_GROUP = 192
+"""The fused forward only for groups of at most this many outputs. It re-reads a 48-token slice
+of x once per 8 outputs and streams all weights once per 48 tokens, so it loses to MKL's
+blocking on wide groups: measured at 1024 tokens, one thread (docs/speed.md), it wins on
+down_proj (96 outputs per group: 29.3 against 33.6 ms) and on SmolLM2's narrow groups (up to
+2.2x), is level to 6% slower on o_proj / qkv_proj (256 / 768) and 22% slower on gate_up_proj (2048)."""
+
+_FUSED_TOKENS_PER_THREAD = 48  # the kernel's token block: fewer per thread leaves a thread idle
+
+
+def _fused_ok(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
+    return (
+        FUSED_FORWARD
+        and weight.shape[1] <= FUSED_MAX_OUT_PER_GROUP
+        and _native_ok(x, weight, *(() if bias is None else (bias,)))
+        and _native.has_avx512()
+    )
+
+
+def _io_fused(x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    """y (N, out) of the io block by the fused C kernel; x (N, in) contiguous float32."""
+    n, i = x.shape
+    g, oc, _ = weight.shape
+    y = x.new_empty(n, g * oc)
+    threads = max(1, min(torch.get_num_threads(), n // _FUSED_TOKENS_PER_THREAD))
+    _native.io_forward(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
+                       n, i, g * oc, g, threads)
+    return y
+
+
 def _uninterleave_add(dx: torch.Tensor, d_mixed: torch.Tensor) -> torch.Tensor:
     """dx (N, in) += the un-interleave of d_mixed (g, N, c): ``dx[n, i*g + k] += d_mixed[k, n, i]``."""
     g, n, c = d_mixed.shape
@@ -435,15 +470,16 @@ def _conv(x: torch.Tensor, weight: torch.Tensor, bias, groups: int) -> torch.Ten
 _SCRATCH = threading.local()
 
 
-def _scratch(shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-    """A reused buffer for a temporary that nothing keeps (inference only).
+def _scratch(shape: tuple[int, ...], like: torch.Tensor, name: str = "interleaved") -> torch.Tensor:
+    """A reused buffer for a temporary that nothing keeps.
 
     A fresh multi-MB tensor on CPU is mmap-ed by the allocator and page-faulted on first write:
     for Phi-3's down_proj at 1024 tokens the 32 MB interleaved copy cost ~25 ms that way against
     ~9 ms written into memory already touched (docs/speed.md). One buffer per thread, device,
-    dtype and inference-mode flag, grown to the largest request; autograd never sees it.
+    dtype, inference-mode flag and ``name`` (callers that need two at once use two names), grown
+    to the largest request; autograd never sees it.
     """
-    key = (like.device, like.dtype, torch.is_inference_mode_enabled())
+    key = (like.device, like.dtype, torch.is_inference_mode_enabled(), name)
     bufs = _SCRATCH.__dict__.setdefault("bufs", {})
     numel = math.prod(shape)
     buf = bufs.get(key)
@@ -503,7 +539,11 @@ class _IOBlockCPU(torch.autograd.Function):
         dW[:, :, :c] = dY^T @ x_own        dW[:, :, c:] = dY^T @ x_interleaved
         dx_own       = dY @ W_own          dx          += un-interleave(dY @ W_mixed)
 
-    where dY is the (g, N, oc) view of the (N, out) gradient. Saved: x and its interleaved copy.
+    where dY is the (g, N, oc) view of the (N, out) gradient. Saved: x only. The interleaved copy
+    is rebuilt in the backward (one more interleave, ~1/8 of down_proj's backward GEMM time)
+    rather than kept: keeping it doubled the block's activation memory, and a fresh 32 MB copy
+    per call page-faults (docs/speed.md). Both the copy and ``dY @ W_mixed`` go into reused
+    per-thread buffers.
     """
 
     @staticmethod
@@ -511,15 +551,17 @@ class _IOBlockCPU(torch.autograd.Function):
         n, i = x.shape
         g = weight.shape[0]
         c = i // g
-        xi = _interleave_into(x, x.new_empty(n, g, c))  # (N, in) -> (N, g, c)
-        ctx.save_for_backward(x, xi, weight)
+        ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
-        return _io_bmm(x, weight, bias, xi)
+        if _fused_ok(x, weight, bias):
+            return _io_fused(x, weight, bias)
+        # nothing keeps the copy past this call, so it can live in the reused buffer
+        return _io_bmm(x, weight, bias, _interleave_into(x, _scratch((n, g, c), x)))
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
-        x, xi, weight = ctx.saved_tensors
+        x, weight = ctx.saved_tensors
         n, i = x.shape
         g, oc, k = weight.shape
         c = i // g
@@ -532,17 +574,18 @@ class _IOBlockCPU(torch.autograd.Function):
                 torch.bmm(dyg, weight[:, :, :c], out=dx.view(n, g, c).transpose(0, 1))  # written as (N, g, c)
             else:
                 dx = torch.bmm(dyg, weight[:, :, :c]).transpose(0, 1).reshape(n, i)  # (g, N, c) -> (N, in)
-            d_mixed = torch.bmm(dyg, weight[:, :, c:])  # (g, N, oc) @ (g, oc, c) -> (g, N, c)
+            d_mixed = torch.bmm(dyg, weight[:, :, c:], out=_scratch((g, n, c), x, "d_mixed"))  # (g, N, oc) @ (g, oc, c)
             _uninterleave_add(dx, d_mixed)
         if ctx.needs_input_grad[1]:
             dyt = dyg.transpose(1, 2)  # (g, oc, N)
             own = x.view(n, g, c).transpose(0, 1)  # (g, N, c)
+            xi = _interleave_into(x, _scratch((n, g, c), x)).transpose(0, 1)  # (N, g, c) -> (g, N, c)
             if strided:
                 dw = weight.new_empty(g, oc, k)
                 torch.bmm(dyt, own, out=dw[:, :, :c])
-                torch.bmm(dyt, xi.transpose(0, 1), out=dw[:, :, c:])
+                torch.bmm(dyt, xi, out=dw[:, :, c:])
             else:  # small: (g, oc, 2c) is the size of the weight
-                dw = torch.cat([torch.bmm(dyt, own), torch.bmm(dyt, xi.transpose(0, 1))], dim=2)
+                dw = torch.cat([torch.bmm(dyt, own), torch.bmm(dyt, xi)], dim=2)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             db = dy.sum(0)
         return dx, dw, db
@@ -557,6 +600,8 @@ def _io_many(x: torch.Tensor, weight: torch.Tensor, bias, groups: int) -> torch.
     eager_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
     if eager_cpu and _needs_grad(x, weight, bias):
         return _IOBlockCPU.apply(x, weight, bias)
+    if eager_cpu and _fused_ok(x, weight, bias):
+        return _io_fused(x, weight, bias)
     if eager_cpu:  # inference: the interleaved copy goes into a reused buffer (nothing keeps it)
         return _io_bmm(x, weight, bias, _interleave_into(x, _scratch((n, g, c), x)))
     # plain differentiable ops, for torch.compile, autocast and other devices

@@ -74,7 +74,9 @@ def test_bad_arguments_raise():
 @pytest.mark.parametrize("threads", [1, 2])
 def test_block_with_and_without_native_is_bit_equal(monkeypatch, n_in, n_out, g, threads):
     """The io block's many-token CPU paths (inference and the hand-written backward) give the same
-    bits with the native kernels as with torch's copies: only the data movement differs."""
+    bits with the native copy kernels as with torch's copies: only the data movement differs.
+    (The fused forward sums in another order: tested against the dense map below.)"""
+    monkeypatch.setattr(layers, "FUSED_FORWARD", False)
     torch.manual_seed(0)
     block = GroupedPointwiseBlock(n_in, n_out, g, bias=True)
     x = torch.randn(2, 150, n_in)  # 300 tokens: the many-token path
@@ -106,3 +108,75 @@ def test_native_off_by_environment():
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "GPCONV_NATIVE": "0"},
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+needs_avx512 = pytest.mark.skipif(layers._native is None or not layers._native.has_avx512(),
+                                  reason="the fused forward needs gpconv._native on an AVX-512 CPU")
+
+# (in, out, g): Phi-3's o_proj / down_proj at 1/8 width, oc not a multiple of the 8-output tile,
+# in not a multiple of the 16-channel tile, one channel per group, g = 1
+FUSED_SHAPES = [(384, 384, 12), (1024, 384, 32), (36, 60, 3), (30, 20, 5), (7, 14, 7), (64, 24, 1)]
+
+
+@needs_avx512
+@pytest.mark.parametrize("n_in, n_out, g", FUSED_SHAPES)
+@pytest.mark.parametrize("n", [1, 47, 48, 49, 130])  # around the kernel's 48-token block
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("bias", [False, True])
+def test_fused_forward_is_the_block(n_in, n_out, g, n, threads, bias):
+    torch.manual_seed(n)
+    block = GroupedPointwiseBlock(n_in, n_out, g, bias=bias)
+    if bias:
+        torch.nn.init.normal_(block.bias)
+    x = torch.randn(n, n_in)
+    y = torch.full((n, n_out), float("nan"))
+    w, b = block.weight.detach(), None if block.bias is None else block.bias.detach()
+    layers._native.io_forward(x.data_ptr(), w.data_ptr(), 0 if b is None else b.data_ptr(), y.data_ptr(),
+                              n, n_in, n_out, g, threads)
+    ref = x.double() @ block.to_dense().double().t() + (0 if b is None else b.double())
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_avx512
+def test_fused_forward_runs_in_the_block_and_in_training(monkeypatch):
+    """Inference and the training forward take the fused kernel (many tokens, float32); the output
+    matches the two-GEMM path and gradients still come from the hand-written backward."""
+    calls = []
+    real = layers._native.io_forward
+    monkeypatch.setattr(layers, "_native", type("N", (), {
+        "io_forward": staticmethod(lambda *a: calls.append(a) or real(*a)),
+        "has_avx512": staticmethod(layers._native.has_avx512),
+        "interleave": staticmethod(layers._native.interleave),
+        "uninterleave_add": staticmethod(layers._native.uninterleave_add),
+    }))
+    torch.manual_seed(0)
+    block = GroupedPointwiseBlock(384, 384, 12, bias=True)
+    x = torch.randn(3, 100, 384, requires_grad=True)
+    y = block(x)
+    y.square().sum().backward()
+    with torch.inference_mode():
+        y_inf = block(x.detach())
+    assert len(calls) == 2
+    monkeypatch.setattr(layers, "FUSED_MAX_OUT_PER_GROUP", 31)  # 32 outputs per group: too wide now
+    with torch.inference_mode():
+        torch.testing.assert_close(block(x.detach()), y_inf, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2
+    monkeypatch.setattr(layers, "FUSED_FORWARD", False)
+    x2 = x.detach().clone().requires_grad_(True)
+    block_grads = [p.grad.clone() for p in block.parameters()]
+    block.zero_grad()
+    y2 = block(x2)
+    y2.square().sum().backward()
+    assert len(calls) == 2
+    torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y_inf, y2.detach(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-4)
+    for a, p in zip(block_grads, block.parameters()):
+        torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+def test_fused_forward_refuses_bad_shapes():
+    x = torch.zeros(8)
+    with pytest.raises(ValueError, match="g dividing"):
+        layers._native.io_forward(x.data_ptr(), x.data_ptr(), 0, x.data_ptr(), 1, 6, 4, 4)

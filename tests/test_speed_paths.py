@@ -292,3 +292,42 @@ def test_backward_takes_a_non_contiguous_upstream_gradient(path, n_in, n_out, g)
     wp = b.weight.detach().clone().requires_grad_(True)  # the block's weight through its dense map
     (x.detach() @ io_dense(wp, b.gather_index(), n_in).t()).backward(dy)
     torch.testing.assert_close(b.weight.grad, wp.grad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.double])  # float32: the native kernels where built
+def test_training_saves_only_the_input_and_blocks_share_the_buffers(path, dtype):
+    """Training keeps x (not its interleaved copy) for the backward, and two io blocks in a row
+    (each overwriting the reused interleave / d_mixed buffers) still get exact gradients."""
+    b1 = GroupedPointwiseBlock(96, 64, 8, bias=True).to(dtype)
+    b2 = GroupedPointwiseBlock(64, 96, 4).to(dtype)
+    x0 = torch.randn(2, 11, 96, dtype=dtype)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    x = x0.clone().requires_grad_(True)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        h = b1(x)
+    if path != "few":  # the hand-written backward: x (N, in) and the weight, nothing else
+        assert sorted(saved) == sorted([x.numel(), b1.weight.numel()])
+    y = b2(torch.tanh(h))
+    dy = torch.randn_like(y)
+    y.backward(dy)
+
+    xr = x0.clone().requires_grad_(True)
+    w1, w2 = b1.to_dense().detach().requires_grad_(True), b2.to_dense().detach().requires_grad_(True)
+    yr = torch.tanh(xr @ w1.t() + b1.bias.detach()) @ w2.t()
+    yr.backward(dy)
+    tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else {}
+    torch.testing.assert_close(y, yr, **tol)
+    torch.testing.assert_close(x.grad, xr.grad, **tol)
+    from gpconv.layers import io_dense
+
+    for blk, wd in ((b1, w1), (b2, w2)):  # the block's weight gradient through its dense map
+        wp = blk.weight.detach().clone().requires_grad_(True)
+        dense = io_dense(wp, blk.gather_index(), blk.in_features)
+        (wd.grad * dense).sum().backward()
+        torch.testing.assert_close(blk.weight.grad, wp.grad, **tol)
+    layers.clear_scratch()
