@@ -41,7 +41,7 @@ typedef struct {
     const float *src;
     float *dst;
     int64_t n0, n1, n, c, g;
-    int kind; /* 0 interleave, 1 uninterleave_add, 2 io_forward */
+    int kind; /* 0 interleave, 1 uninterleave_add, 2 io_forward, 3 io_small */
     const float *w, *bias; /* io_forward only */
     int64_t out;
     int failed;
@@ -158,7 +158,6 @@ __attribute__((target("avx512f"))) static void io_forward_avx512(const float *x,
                                                                   float *y, int64_t n0, int64_t n1, int64_t in,
                                                                   int64_t out, int64_t g, float *xt, float *wpad) {
     const int64_t c = in / g, oc = out / g, k2 = 2 * c, nt = (oc + FWD_OT - 1) / FWD_OT;
-    float tmp[FWD_OT][16 * FWD_TV] __attribute__((aligned(64)));
     for (int64_t tb0 = n0; tb0 < n1; tb0 += FWD_TB) {
         const int64_t nb = n1 - tb0 < FWD_TB ? n1 - tb0 : FWD_TB; /* tokens in this block; the rest are zeros */
         /* xt[ch][t] = x[tb0 + t][ch]: (48, in) -> (in, 48) in 16 x 16 register tiles */
@@ -200,22 +199,105 @@ __attribute__((target("avx512f"))) static void io_forward_avx512(const float *x,
                 for (int64_t j = 0; j < c; j++) {
                     __m512 a[FWD_TV];
                     for (int v = 0; v < FWD_TV; v++) a[v] = _mm512_load_ps(am + j * g * FWD_TB + 16 * v);
+                    for (int v = 0; v < FWD_TV; v++) /* rows g * 192 bytes apart: prefetch 8 ahead */
+                        _mm_prefetch((const char *)(am + (j + 8) * g * FWD_TB + 16 * v), _MM_HINT_T0);
                     for (int o = 0; o < FWD_OT; o++) {
                         const __m512 b = _mm512_set1_ps(wt[o * k2 + c + j]);
                         for (int v = 0; v < FWD_TV; v++) acc[o][v] = _mm512_fmadd_ps(a[v], b, acc[o][v]);
                     }
                 }
-                for (int o = 0; o < FWD_OT; o++)
-                    for (int v = 0; v < FWD_TV; v++) _mm512_store_ps(&tmp[o][16 * v], acc[o][v]);
-                float *yb = y + tb0 * out + k * oc + ot * FWD_OT; /* (tokens, outputs) back to token-major */
-                for (int64_t t = 0; t < nb; t++)
-                    for (int64_t o = 0; o < ow; o++)
-                        yb[t * out + o] = tmp[o][t] + (bias ? bias[k * oc + ot * FWD_OT + o] : 0.0f);
+                /* back to token-major: a 16 x 16 transpose of (outputs, 16 tokens), 8 outputs per token row */
+                const __mmask16 om = (__mmask16)((1u << ow) - 1);
+                const __m512 bv = bias ? _mm512_maskz_loadu_ps(om, bias + k * oc + ot * FWD_OT) : _mm512_setzero_ps();
+                float *yb = y + tb0 * out + k * oc + ot * FWD_OT;
+                for (int v = 0; v < FWD_TV; v++) {
+                    __m512 r[16];
+                    for (int o = 0; o < 16; o++) r[o] = o < FWD_OT ? acc[o][v] : _mm512_setzero_ps();
+                    transpose16(r); /* r[q]: outputs 0..7 of token 16v + q */
+                    for (int q = 0; q < 16 && 16 * v + q < nb; q++)
+                        _mm512_mask_storeu_ps(yb + (16 * v + q) * out, om, _mm512_add_ps(r[q], bv));
+                }
+            }
+        }
+    }
+}
+
+/* ---- io_small: the block for a few tokens (decode), AVX-512 -------------------------------------
+ * torch's small-N path is three ops (gather [own | interleaved], a batched GEMM over tiny matrices,
+ * a transpose back), each with its fixed cost. Here: per group, gather each token's 2c inputs into
+ * z, then every output is a dot product of a contiguous weight row with z, four rows at a time so
+ * one pass over a weight row serves all tokens while it is in L1. Split over groups by threads. */
+__attribute__((target("avx512f"))) static void io_small_avx512(const float *x, const float *w, const float *bias,
+                                                                float *y, int64_t n, int64_t in, int64_t out,
+                                                                int64_t g, int64_t k0, int64_t k1, float *z) {
+    const int64_t c = in / g, oc = out / g, k2 = 2 * c;
+    const int64_t full = k2 / 16 * 16;
+    const __mmask16 tail = (__mmask16)((1u << (k2 - full)) - 1);
+    for (int64_t k = k0; k < k1; k++) {
+        for (int64_t t = 0; t < n; t++) { /* z[t] = [x own | x interleaved] of group k */
+            const float *xt = x + t * in;
+            memcpy(z + t * k2, xt + k * c, sizeof(float) * c);
+            for (int64_t j = 0; j < c; j++) z[t * k2 + c + j] = xt[j * g + k];
+        }
+        const float *wk = w + k * oc * k2;
+        int64_t o = 0;
+        for (; o + 4 <= oc; o += 4) {
+            const float *w0 = wk + o * k2, *w1 = w0 + k2, *w2 = w1 + k2, *w3 = w2 + k2;
+            for (int64_t t = 0; t < n; t++) {
+                const float *zt = z + t * k2;
+                __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                int64_t j = 0;
+                for (; j < full; j += 16) {
+                    const __m512 zv = _mm512_loadu_ps(zt + j);
+                    a0 = _mm512_fmadd_ps(_mm512_loadu_ps(w0 + j), zv, a0);
+                    a1 = _mm512_fmadd_ps(_mm512_loadu_ps(w1 + j), zv, a1);
+                    a2 = _mm512_fmadd_ps(_mm512_loadu_ps(w2 + j), zv, a2);
+                    a3 = _mm512_fmadd_ps(_mm512_loadu_ps(w3 + j), zv, a3);
+                }
+                if (tail) {
+                    const __m512 zv = _mm512_maskz_loadu_ps(tail, zt + j);
+                    a0 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w0 + j), zv, a0);
+                    a1 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w1 + j), zv, a1);
+                    a2 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w2 + j), zv, a2);
+                    a3 = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, w3 + j), zv, a3);
+                }
+                float *yt = y + t * out + k * oc + o;
+                const float *bt = bias ? bias + k * oc + o : NULL;
+                yt[0] = _mm512_reduce_add_ps(a0) + (bt ? bt[0] : 0.0f);
+                yt[1] = _mm512_reduce_add_ps(a1) + (bt ? bt[1] : 0.0f);
+                yt[2] = _mm512_reduce_add_ps(a2) + (bt ? bt[2] : 0.0f);
+                yt[3] = _mm512_reduce_add_ps(a3) + (bt ? bt[3] : 0.0f);
+            }
+        }
+        for (; o < oc; o++) { /* oc not a multiple of 4 */
+            const float *wr = wk + o * k2;
+            for (int64_t t = 0; t < n; t++) {
+                const float *zt = z + t * k2;
+                __m512 a = _mm512_setzero_ps();
+                int64_t j = 0;
+                for (; j < full; j += 16) a = _mm512_fmadd_ps(_mm512_loadu_ps(wr + j), _mm512_loadu_ps(zt + j), a);
+                if (tail) a = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(tail, wr + j), _mm512_maskz_loadu_ps(tail, zt + j), a);
+                y[t * out + k * oc + o] = _mm512_reduce_add_ps(a) + (bias ? bias[k * oc + o] : 0.0f);
             }
         }
     }
 }
 #endif
+
+static void io_small_job(job_t *j) {
+#ifdef GPCONV_X86
+    /* here n0..n1 range over groups; j->n is the token count */
+    float *z = malloc(sizeof(float) * (size_t)(j->n * 2 * j->c + 16));
+    if (z == NULL) {
+        j->failed = 1;
+        return;
+    }
+    io_small_avx512(j->src, j->w, j->bias, j->dst, j->n, j->c * j->g, j->out, j->g, j->n0, j->n1, z);
+    free(z);
+#else
+    j->failed = 1;
+#endif
+}
 
 static void io_forward_job(job_t *j) {
 #ifdef GPCONV_X86
@@ -237,6 +319,10 @@ static void io_forward_job(job_t *j) {
 static void run_job(job_t *j) {
     if (j->kind == 2) {
         io_forward_job(j);
+        return;
+    }
+    if (j->kind == 3) {
+        io_small_job(j);
         return;
     }
 #ifdef GPCONV_X86
@@ -264,7 +350,7 @@ static void *thread_main(void *arg) {
 /* Split tokens over `threads` workers (the caller's thread is one of them); returns 0, or -1 if a
    worker failed (out of memory, or io_forward without AVX-512). */
 static int run_split(job_t proto, int threads) {
-    const int64_t n = proto.n;
+    const int64_t n = proto.kind == 3 ? proto.g : proto.n; /* io_small splits groups, the rest tokens */
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > n) threads = (int)(n > 0 ? n : 1);
@@ -308,7 +394,7 @@ static PyObject *call(PyObject *args, int kind) {
 
 static PyObject *py_interleave(PyObject *self, PyObject *args) { return call(args, 0); }
 
-static PyObject *py_io_forward(PyObject *self, PyObject *args) {
+static PyObject *io_call(PyObject *args, int kind) {
     unsigned long long x, w, bias, y;
     long long n, in, out, g;
     int threads = 1;
@@ -321,7 +407,7 @@ static PyObject *py_io_forward(PyObject *self, PyObject *args) {
         PyErr_SetString(PyExc_RuntimeError, "gpconv._native.io_forward needs AVX-512");
         return NULL;
     }
-    job_t proto = {(const float *)(uintptr_t)x, (float *)(uintptr_t)y, 0, 0, n, in / g, g, 2,
+    job_t proto = {(const float *)(uintptr_t)x, (float *)(uintptr_t)y, 0, 0, n, in / g, g, kind,
                    (const float *)(uintptr_t)w, (const float *)(uintptr_t)bias, out, 0};
     int rc;
     Py_BEGIN_ALLOW_THREADS
@@ -330,6 +416,9 @@ static PyObject *py_io_forward(PyObject *self, PyObject *args) {
     if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
+
+static PyObject *py_io_forward(PyObject *self, PyObject *args) { return io_call(args, 2); }
+static PyObject *py_io_small(PyObject *self, PyObject *args) { return io_call(args, 3); }
 
 static PyObject *py_has_avx512(PyObject *self, PyObject *args) { return PyBool_FromLong(have_avx512); }
 static PyObject *py_uninterleave_add(PyObject *self, PyObject *args) { return call(args, 1); }
@@ -354,6 +443,9 @@ static PyMethodDef methods[] = {
     {"io_forward", py_io_forward, METH_VARARGS,
      "io_forward(x_ptr, w_ptr, bias_ptr_or_0, y_ptr, n, in, out, g, threads=1): float32 y (n, out) = the io block "
      "on x (n, in) with weight (g, out/g, 2*in/g); AVX-512 only."},
+    {"io_small", py_io_small, METH_VARARGS,
+     "io_small(x_ptr, w_ptr, bias_ptr_or_0, y_ptr, n, in, out, g, threads=1): the same as io_forward, "
+     "for a few tokens (one dot product per output; threads split the groups); AVX-512 only."},
     {"has_avx512", py_has_avx512, METH_NOARGS, "has_avx512() -> bool: are the AVX-512 kernels in use?"},
     {"set_avx512", py_set_avx512, METH_VARARGS,
      "set_avx512(on) -> bool: use the AVX-512 kernels when the CPU has them (on) or the portable ones; returns the old setting."},

@@ -419,13 +419,13 @@ down_proj (96 outputs per group: 29.3 against 33.6 ms) and on SmolLM2's narrow g
 _FUSED_TOKENS_PER_THREAD = 48  # the kernel's token block: fewer per thread leaves a thread idle
 
 
+def _kernels_ok(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
+    """May the AVX-512 block kernels (io_forward, io_small) run on these tensors?"""
+    return FUSED_FORWARD and _native_ok(x, weight, *(() if bias is None else (bias,))) and _native.has_avx512()
+
+
 def _fused_ok(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
-    return (
-        FUSED_FORWARD
-        and weight.shape[1] <= FUSED_MAX_OUT_PER_GROUP
-        and _native_ok(x, weight, *(() if bias is None else (bias,)))
-        and _native.has_avx512()
-    )
+    return weight.shape[1] <= FUSED_MAX_OUT_PER_GROUP and _kernels_ok(x, weight, bias)
 
 
 def _io_fused(x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
@@ -630,11 +630,54 @@ def _use_conv(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and n > 0 and (n >= CONV_MIN_TOKENS or torch.compiler.is_compiling())
 
 
+NATIVE_SMALL_MAX_TOKENS = 8
+"""Inference, CPU float32, AVX-512: up to this many tokens (decode) the io block is one
+``gpconv._native.io_small`` call; from :data:`FUSED_MIN_TOKENS` on (groups of at most
+:data:`FUSED_MAX_OUT_PER_GROUP` outputs) one ``io_forward`` call. Measured one thread, medians
+(docs/speed.md): 1 token SmolLM2 -m 64 shapes 3.3-10.7 us against 18.6-35.5 us for gather + bmm;
+Phi-3's 1.1-1.3x faster. Between the two limits gather + bmm was as fast or faster."""
+
+FUSED_MIN_TOKENS = 32
+
+
+def _native_inference(x, weight, bias, perm):
+    """The io block through one native call (inference only), or None where that is not the
+    measured-faster choice or not possible here."""
+    n = x.shape[0]
+    small = n <= NATIVE_SMALL_MAX_TOKENS
+    if not (small or (n >= FUSED_MIN_TOKENS and weight.shape[1] <= FUSED_MAX_OUT_PER_GROUP)):
+        return None
+    if not (FUSED_FORWARD and x.device.type == "cpu" and x.dtype == torch.float32 and n > 0):
+        return None  # (checked before the permutation below costs a copy)
+    if _needs_grad(x, weight, bias) or torch.compiler.is_compiling():
+        return None
+    if perm is not None:
+        x = x.index_select(1, perm)
+    x = x.contiguous()
+    if not _kernels_ok(x, weight, bias):
+        return None
+    if not small:
+        return _io_fused(x, weight, bias)
+    g, oc, _ = weight.shape
+    y = x.new_empty(n, g * oc)
+    threads = torch.get_num_threads() if weight.numel() >= _SMALL_THREADED_WEIGHT else 1
+    _native.io_small(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
+                     n, x.shape[1], g * oc, g, threads)
+    return y
+
+
+_SMALL_THREADED_WEIGHT = 1 << 20  # floats; below this starting a thread costs more than the dot products
+
+
 def io_forward(x, weight, bias, groups: int, gather_index=None, perm=None) -> torch.Tensor:
     """``y`` (N, out) of an io block on ``x`` (N, in). ``perm``: the block reads ``x[:, perm]``;
     ``gather_index`` (g, 2c) must then include it (it is only needed off the conv path)."""
     if _use_grouped_mm(x, weight):
         return _io_grouped_mm(x, weight, bias, gather_index)
+    if NATIVE and _native is not None:
+        y = _native_inference(x, weight, bias, perm)
+        if y is not None:
+            return y
     if _use_conv(x) or gather_index is None:
         if perm is not None:
             x = x.index_select(1, perm)

@@ -180,3 +180,52 @@ def test_fused_forward_refuses_bad_shapes():
     x = torch.zeros(8)
     with pytest.raises(ValueError, match="g dividing"):
         layers._native.io_forward(x.data_ptr(), x.data_ptr(), 0, x.data_ptr(), 1, 6, 4, 4)
+
+
+@needs_avx512
+@pytest.mark.parametrize("n_in, n_out, g", FUSED_SHAPES)
+@pytest.mark.parametrize("n", [1, 3, 8])
+@pytest.mark.parametrize("threads", [1, 4])
+@pytest.mark.parametrize("bias", [False, True])
+def test_small_forward_is_the_block(n_in, n_out, g, n, threads, bias):
+    torch.manual_seed(n)
+    block = GroupedPointwiseBlock(n_in, n_out, g, bias=bias)
+    if bias:
+        torch.nn.init.normal_(block.bias)
+    x = torch.randn(n, n_in)
+    y = torch.full((n, n_out), float("nan"))
+    w, b = block.weight.detach(), None if block.bias is None else block.bias.detach()
+    layers._native.io_small(x.data_ptr(), w.data_ptr(), 0 if b is None else b.data_ptr(), y.data_ptr(),
+                            n, n_in, n_out, g, threads)
+    ref = x.double() @ block.to_dense().double().t() + (0 if b is None else b.double())
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_avx512
+@pytest.mark.parametrize("permuted", [False, True])
+def test_inference_routes_by_token_count(monkeypatch, permuted):
+    """Inference: a few tokens -> io_small, 32+ tokens of narrow groups -> io_forward, in between
+    and with gradients -> torch's paths; every route gives the block's output."""
+    calls = []
+    real = layers._native
+
+    class Spy:
+        def __getattr__(self, name):
+            fn = getattr(real, name)
+            return (lambda *a: calls.append(name) or fn(*a)) if name.startswith("io_") else fn
+
+    monkeypatch.setattr(layers, "_native", Spy())
+    block = GroupedPointwiseBlock(96, 160, 8, bias=True, permuted=permuted)  # 20 outputs per group
+    if permuted:
+        block.input_perm.copy_(torch.randperm(96))
+    dense = block.to_dense().detach()
+    for n, route in [(1, "io_small"), (8, "io_small"), (9, None), (31, None), (32, "io_forward"), (200, "io_forward")]:
+        x = torch.randn(1, n, 96)  # N = n tokens
+        calls.clear()
+        with torch.no_grad():
+            y = block(x)
+        assert calls == ([route] if route else []), n
+        torch.testing.assert_close(y, x @ dense.t() + block.bias.detach(), rtol=1e-5, atol=1e-5)
+    calls.clear()
+    block(torch.randn(3, 96, requires_grad=True)).sum().backward()  # training: autograd's path
+    assert calls == []
