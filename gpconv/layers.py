@@ -377,29 +377,29 @@ except ImportError:  # built without a C compiler: torch's copies below do the s
     _native = None
 
 NATIVE = _native is not None and os.environ.get("GPCONV_NATIVE", "1") != "0"
-"""Use gpconv._native for the io block's interleave on CPU float32 (set False, or GPCONV_NATIVE=0, to opt out)."""
+"""Use gpconv._native for the io block on CPU float32 (set False, or GPCONV_NATIVE=0, to opt out)."""
 
-_NATIVE_MIN_PER_THREAD = 1 << 18  # floats; below this a second thread costs more to start than it saves
-
+# Only with torch.get_num_threads() == 1. The kernels run on the calling thread, and with several
+# torch threads they measured slower than torch's own multithreaded paths: torch's OpenMP workers
+# keep spinning after each parallel region, and SmolLM2's prefill at two threads fell from 1,155
+# to 759 tokens/s with the kernels on (docs/speed.md). Running them inside torch's thread pool
+# needs a C++ torch extension; not written.
 
 def _native_ok(*ts: torch.Tensor) -> bool:
     return (
         NATIVE
         and _native is not None
+        and torch.get_num_threads() == 1  # see the note after NATIVE
         and not torch.compiler.is_compiling()
         and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in ts)
     )
-
-
-def _native_threads(numel: int) -> int:
-    return max(1, min(torch.get_num_threads(), numel // _NATIVE_MIN_PER_THREAD))
 
 
 def _interleave_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out (N, g, c) <- the interleave of x (N, in): ``out[n, k, i] = x[n, i*g + k]``."""
     n, g, c = out.shape
     if _native_ok(x, out):
-        _native.interleave(x.data_ptr(), out.data_ptr(), n, c, g, _native_threads(x.numel()))
+        _native.interleave(x.data_ptr(), out.data_ptr(), n, c, g)
         return out
     return out.copy_(x.view(n, c, g).transpose(1, 2))  # (N, in) -> (N, c, g) -> (N, g, c)
 
@@ -414,9 +414,8 @@ FUSED_MAX_OUT_PER_GROUP = 192
 of x once per 8 outputs and streams all weights once per 48 tokens, so it loses to MKL's
 blocking on wide groups: measured at 1024 tokens, one thread (docs/speed.md), it wins on
 down_proj (96 outputs per group: 29.3 against 33.6 ms) and on SmolLM2's narrow groups (up to
-2.2x), is level to 6% slower on o_proj / qkv_proj (256 / 768) and 22% slower on gate_up_proj (2048)."""
+2.2x), and is 6-10% slower on o_proj / qkv_proj (256 / 768) and 22% slower on gate_up_proj (2048)."""
 
-_FUSED_TOKENS_PER_THREAD = 48  # the kernel's token block: fewer per thread leaves a thread idle
 
 
 def _kernels_ok(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
@@ -433,9 +432,8 @@ def _io_fused(x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
     n, i = x.shape
     g, oc, _ = weight.shape
     y = x.new_empty(n, g * oc)
-    threads = max(1, min(torch.get_num_threads(), n // _FUSED_TOKENS_PER_THREAD))
     _native.io_forward(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
-                       n, i, g * oc, g, threads)
+                       n, i, g * oc, g)
     return y
 
 
@@ -443,7 +441,7 @@ def _uninterleave_add(dx: torch.Tensor, d_mixed: torch.Tensor) -> torch.Tensor:
     """dx (N, in) += the un-interleave of d_mixed (g, N, c): ``dx[n, i*g + k] += d_mixed[k, n, i]``."""
     g, n, c = d_mixed.shape
     if _native_ok(dx, d_mixed):
-        _native.uninterleave_add(d_mixed.data_ptr(), dx.data_ptr(), n, c, g, _native_threads(dx.numel()))
+        _native.uninterleave_add(d_mixed.data_ptr(), dx.data_ptr(), n, c, g)
         return dx
     dx.view(n, c, g).add_(d_mixed.permute(1, 2, 0))  # (g, N, c) -> (N, c, g)
     return dx
@@ -660,13 +658,9 @@ def _native_inference(x, weight, bias, perm):
         return _io_fused(x, weight, bias)
     g, oc, _ = weight.shape
     y = x.new_empty(n, g * oc)
-    threads = torch.get_num_threads() if weight.numel() >= _SMALL_THREADED_WEIGHT else 1
     _native.io_small(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
-                     n, x.shape[1], g * oc, g, threads)
+                     n, x.shape[1], g * oc, g)
     return y
-
-
-_SMALL_THREADED_WEIGHT = 1 << 20  # floats; below this starting a thread costs more than the dot products
 
 
 def io_forward(x, weight, bias, groups: int, gather_index=None, perm=None) -> torch.Tensor:

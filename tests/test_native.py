@@ -30,6 +30,15 @@ def test_extension_is_built_where_a_compiler_exists():
 needs_native = pytest.mark.skipif(layers._native is None, reason="gpconv._native not built")
 
 
+@pytest.fixture
+def one_thread():
+    """The block uses the kernels only with one torch thread (gpconv/layers.py, after NATIVE)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(params=[True, False], ids=["avx512", "portable"])
 def isa(request):
     """Run a test with the AVX-512 kernels (where the CPU has them) and with the portable loops."""
@@ -71,8 +80,7 @@ def test_bad_arguments_raise():
 
 @needs_native
 @pytest.mark.parametrize("n_in, n_out, g", [(3072 // 8, 3072 // 8, 12), (1024, 384, 32), (96, 160, 8)])
-@pytest.mark.parametrize("threads", [1, 2])
-def test_block_with_and_without_native_is_bit_equal(monkeypatch, n_in, n_out, g, threads):
+def test_block_with_and_without_native_is_bit_equal(monkeypatch, one_thread, n_in, n_out, g):
     """The io block's many-token CPU paths (inference and the hand-written backward) give the same
     bits with the native copy kernels as with torch's copies: only the data movement differs.
     (The fused forward sums in another order: tested against the dense map below.)"""
@@ -81,21 +89,16 @@ def test_block_with_and_without_native_is_bit_equal(monkeypatch, n_in, n_out, g,
     block = GroupedPointwiseBlock(n_in, n_out, g, bias=True)
     x = torch.randn(2, 150, n_in)  # 300 tokens: the many-token path
     dy = torch.randn(2, 150, n_out)
-    old = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        results = []
-        for native in (True, False):
-            monkeypatch.setattr(layers, "NATIVE", native)
-            with torch.inference_mode():
-                y_inf = block(x)
-            xg = x.clone().requires_grad_(True)
-            block.zero_grad()
-            y = block(xg)
-            y.backward(dy)
-            results.append((y_inf, y.detach(), xg.grad, block.weight.grad.clone(), block.bias.grad.clone()))
-    finally:
-        torch.set_num_threads(old)
+    results = []
+    for native in (True, False):
+        monkeypatch.setattr(layers, "NATIVE", native)
+        with torch.inference_mode():
+            y_inf = block(x)
+        xg = x.clone().requires_grad_(True)
+        block.zero_grad()
+        y = block(xg)
+        y.backward(dy)
+        results.append((y_inf, y.detach(), xg.grad, block.weight.grad.clone(), block.bias.grad.clone()))
     for a, b in zip(*results):
         assert torch.equal(a, b)
     # and the io block is still the paper's formula
@@ -138,7 +141,7 @@ def test_fused_forward_is_the_block(n_in, n_out, g, n, threads, bias):
 
 
 @needs_avx512
-def test_fused_forward_runs_in_the_block_and_in_training(monkeypatch):
+def test_fused_forward_runs_in_the_block_and_in_training(monkeypatch, one_thread):
     """Inference and the training forward take the fused kernel (many tokens, float32); the output
     matches the two-GEMM path and gradients still come from the hand-written backward."""
     calls = []
@@ -203,7 +206,7 @@ def test_small_forward_is_the_block(n_in, n_out, g, n, threads, bias):
 
 @needs_avx512
 @pytest.mark.parametrize("permuted", [False, True])
-def test_inference_routes_by_token_count(monkeypatch, permuted):
+def test_inference_routes_by_token_count(monkeypatch, one_thread, permuted):
     """Inference: a few tokens -> io_small, 32+ tokens of narrow groups -> io_forward, in between
     and with gradients -> torch's paths; every route gives the block's output."""
     calls = []
@@ -228,4 +231,10 @@ def test_inference_routes_by_token_count(monkeypatch, permuted):
         torch.testing.assert_close(y, x @ dense.t() + block.bias.detach(), rtol=1e-5, atol=1e-5)
     calls.clear()
     block(torch.randn(3, 96, requires_grad=True)).sum().backward()  # training: autograd's path
+    assert calls == []
+    torch.set_num_threads(2)  # several torch threads: torch's own paths throughout
+    with torch.no_grad():
+        for n in (1, 200):
+            x = torch.randn(n, 96)
+            torch.testing.assert_close(block(x), x @ dense.t() + block.bias.detach(), rtol=1e-5, atol=1e-5)
     assert calls == []
