@@ -5,6 +5,7 @@ bf16) loads back to the same model up to bf16 rounding; benchmarks/bench_precisi
 precisions."""
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 
@@ -75,13 +76,17 @@ def test_bench_precision_runs_both_precisions(tmp_path, monkeypatch, capsys):
     (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     monkeypatch.setattr(sys, "argv", ["bench_precision.py", str(tmp_path / "student"), "--teacher", "tiny-phi3",
                                       "--data", str(tmp_path / "d.jsonl"), "--format", "kphi3", "--steps", "2",
-                                      "--rounds", "1", "--batch-size", "2", "--block-size", "32"])
+                                      "--rounds", "1", "--batch-size", "2", "--block-size", "32", "--native-off"])
     bench.main()
     out = capsys.readouterr().out
     losses = {line.split()[2].rstrip(":"): float(line.rsplit(" ", 1)[1]) for line in out.splitlines() if line.startswith("round")}
-    assert set(losses) == {"fp32", "bf16"}
+    assert set(losses) == {"fp32", "bf16", "fp32-native-off"}
     assert abs(losses["bf16"] - losses["fp32"]) < 0.05 * losses["fp32"]  # same step, bf16 rounding only
-    assert "fp32 / bf16 time, best of 1:" in out
+    assert abs(losses["fp32-native-off"] - losses["fp32"]) < 1e-3 * losses["fp32"]  # same maths, fp32
+    assert "fp32 / bf16 time, best of 1:" in out and "fp32 native off / on time, best of 1:" in out
+    from gpconv import layers
+
+    assert layers.NATIVE == (layers._native is not None and os.environ.get("GPCONV_NATIVE", "1") != "0")  # restored
 
 
 def test_bench_block_times_every_side(tmp_path):
