@@ -2,6 +2,7 @@
  * gpconv._native: the io block's two data-movement kernels on the CPU, in float32.
  *
  *   interleave(src, dst, n, c, g)          dst (n, g, c)  <- src (n, c, g)   per token a (c, g) -> (g, c) transpose
+ *                                          (grouped=True: dst (g, n, c); n = 1: a plain 2-D transpose)
  *   uninterleave_add(src, dst, n, c, g)    dst (n, c, g) += src (g, n, c)    the backward's scatter, as an add
  *
  *   io_forward(x, w, bias, y, n, in, out, g)  y (n, out) = the whole io block, G1(x) + G2(interleave(x)) + bias
@@ -42,6 +43,7 @@ typedef struct {
     float *dst;
     int64_t n0, n1, n, c, g;
     int kind; /* 0 interleave, 1 uninterleave_add, 2 io_forward, 3 io_small */
+    int grouped; /* interleave: write (g, n, c) instead of (n, g, c) */
     const float *w, *bias; /* io_forward only */
     int64_t out;
     int failed;
@@ -51,14 +53,17 @@ static int have_avx512 = 0;
 
 /* ---- portable versions: 16-wide tiles so both the reads and the writes stay in cache lines ---- */
 
-static void interleave_scalar(const float *src, float *dst, int64_t n0, int64_t n1, int64_t c, int64_t g) {
+/* dst rows: token t's group k starts at dst + t * ts + k * rs; (n, g, c): ts = g*c, rs = c;
+   grouped (g, n, c): ts = c, rs = n*c. */
+static void interleave_scalar(const float *src, float *dst, int64_t n0, int64_t n1, int64_t c, int64_t g, int64_t ts,
+                              int64_t rs) {
     for (int64_t t = n0; t < n1; t++) {
         const float *s = src + t * c * g; /* (c, g) */
-        float *d = dst + t * c * g;       /* (g, c) */
+        float *d = dst + t * ts;          /* (g, c), rows rs apart */
         for (int64_t i0 = 0; i0 < c; i0 += 16) {
             int64_t ie = i0 + 16 < c ? i0 + 16 : c;
             for (int64_t k = 0; k < g; k++)
-                for (int64_t i = i0; i < ie; i++) d[k * c + i] = s[i * g + k];
+                for (int64_t i = i0; i < ie; i++) d[k * rs + i] = s[i * g + k];
         }
     }
 }
@@ -103,10 +108,11 @@ __attribute__((target("avx512f"))) static inline void transpose16(__m512 r[16]) 
 }
 
 __attribute__((target("avx512f"))) static void interleave_avx512(const float *src, float *dst, int64_t n0,
-                                                                  int64_t n1, int64_t c, int64_t g) {
+                                                                  int64_t n1, int64_t c, int64_t g, int64_t ts,
+                                                                  int64_t rs) {
     for (int64_t t = n0; t < n1; t++) {
         const float *s = src + t * c * g; /* (c, g) */
-        float *d = dst + t * c * g;       /* (g, c) */
+        float *d = dst + t * ts;          /* (g, c), rows rs apart */
         for (int64_t k0 = 0; k0 < g; k0 += 16) {
             int kw = (int)(g - k0 < 16 ? g - k0 : 16); /* columns in this tile: g need not be a multiple of 16 */
             __mmask16 m = (__mmask16)((1u << kw) - 1);
@@ -115,10 +121,10 @@ __attribute__((target("avx512f"))) static void interleave_avx512(const float *sr
                 __m512 r[16];
                 for (int j = 0; j < 16; j++) r[j] = _mm512_maskz_loadu_ps(m, s + (i0 + j) * g + k0);
                 transpose16(r); /* r[j]: channel k0 + j of tokens rows i0 .. i0 + 15 */
-                for (int j = 0; j < kw; j++) _mm512_storeu_ps(d + (k0 + j) * c + i0, r[j]);
+                for (int j = 0; j < kw; j++) _mm512_storeu_ps(d + (k0 + j) * rs + i0, r[j]);
             }
             for (; i0 < c; i0++) /* c not a multiple of 16: the last rows one by one */
-                for (int64_t k = k0; k < k0 + kw; k++) d[k * c + i0] = s[i0 * g + k];
+                for (int64_t k = k0; k < k0 + kw; k++) d[k * rs + i0] = s[i0 * g + k];
         }
     }
 }
@@ -328,14 +334,16 @@ static void run_job(job_t *j) {
 #ifdef GPCONV_X86
     if (have_avx512) {
         if (j->kind == 0)
-            interleave_avx512(j->src, j->dst, j->n0, j->n1, j->c, j->g);
+            interleave_avx512(j->src, j->dst, j->n0, j->n1, j->c, j->g, j->grouped ? j->c : j->c * j->g,
+                              j->grouped ? j->n * j->c : j->c);
         else
             uninterleave_add_avx512(j->src, j->dst, j->n0, j->n1, j->n, j->c, j->g);
         return;
     }
 #endif
     if (j->kind == 0)
-        interleave_scalar(j->src, j->dst, j->n0, j->n1, j->c, j->g);
+        interleave_scalar(j->src, j->dst, j->n0, j->n1, j->c, j->g, j->grouped ? j->c : j->c * j->g,
+                          j->grouped ? j->n * j->c : j->c);
     else
         uninterleave_add_scalar(j->src, j->dst, j->n0, j->n1, j->n, j->c, j->g);
 }
@@ -379,13 +387,14 @@ static int run_split(job_t proto, int threads) {
 static PyObject *call(PyObject *args, int kind) {
     unsigned long long src, dst;
     long long n, c, g;
-    int threads = 1;
-    if (!PyArg_ParseTuple(args, "KKLLL|i", &src, &dst, &n, &c, &g, &threads)) return NULL;
+    int threads = 1, grouped = 0;
+    if (!PyArg_ParseTuple(args, "KKLLL|ip", &src, &dst, &n, &c, &g, &threads, &grouped)) return NULL;
     if (n < 0 || c < 1 || g < 1) {
         PyErr_SetString(PyExc_ValueError, "gpconv._native: need n >= 0, c >= 1, g >= 1");
         return NULL;
     }
-    job_t proto = {(const float *)(uintptr_t)src, (float *)(uintptr_t)dst, 0, 0, n, c, g, kind, NULL, NULL, 0, 0};
+    job_t proto = {(const float *)(uintptr_t)src, (float *)(uintptr_t)dst, 0, 0, n, c, g, kind, kind == 0 && grouped,
+                   NULL, NULL, 0, 0};
     Py_BEGIN_ALLOW_THREADS
     run_split(proto, threads);
     Py_END_ALLOW_THREADS
@@ -407,7 +416,7 @@ static PyObject *io_call(PyObject *args, int kind) {
         PyErr_SetString(PyExc_RuntimeError, "gpconv._native.io_forward needs AVX-512");
         return NULL;
     }
-    job_t proto = {(const float *)(uintptr_t)x, (float *)(uintptr_t)y, 0, 0, n, in / g, g, kind,
+    job_t proto = {(const float *)(uintptr_t)x, (float *)(uintptr_t)y, 0, 0, n, in / g, g, kind, 0,
                    (const float *)(uintptr_t)w, (const float *)(uintptr_t)bias, out, 0};
     int rc;
     Py_BEGIN_ALLOW_THREADS
@@ -437,7 +446,8 @@ static PyObject *py_set_avx512(PyObject *self, PyObject *args) {
 
 static PyMethodDef methods[] = {
     {"interleave", py_interleave, METH_VARARGS,
-     "interleave(src_ptr, dst_ptr, n, c, g, threads=1): float32 dst (n, g, c) <- src (n, c, g)."},
+     "interleave(src_ptr, dst_ptr, n, c, g, threads=1, grouped=False): float32 dst (n, g, c) <- src (n, c, g); "
+     "grouped: dst (g, n, c). With n = 1 it is a plain 2-D transpose (c, g) -> (g, c)."},
     {"uninterleave_add", py_uninterleave_add, METH_VARARGS,
      "uninterleave_add(src_ptr, dst_ptr, n, c, g, threads=1): float32 dst (n, c, g) += src (g, n, c) permuted."},
     {"io_forward", py_io_forward, METH_VARARGS,

@@ -61,6 +61,19 @@ def test_interleave_matches_torch(isa, c, g, n, threads):
 @needs_native
 @pytest.mark.parametrize("c, g", SHAPES)
 @pytest.mark.parametrize("n", TOKENS)
+def test_interleave_grouped_layout_and_plain_transpose(isa, c, g, n):
+    x = torch.randn(n, c * g)
+    out = torch.full((g, n, c), float("nan"))
+    layers._native.interleave(x.data_ptr(), out.data_ptr(), n, c, g, 2, True)
+    assert torch.equal(out, x.view(n, c, g).permute(2, 0, 1))  # (N, c, g) -> (g, N, c)
+    t = torch.full((c * g, n), float("nan"))  # n = 1 per call: a 2-D transpose of (n, c*g)
+    layers._native.interleave(x.data_ptr(), t.data_ptr(), 1, n, c * g)
+    assert torch.equal(t, x.t())
+
+
+@needs_native
+@pytest.mark.parametrize("c, g", SHAPES)
+@pytest.mark.parametrize("n", TOKENS)
 @pytest.mark.parametrize("threads", [1, 3])
 def test_uninterleave_add_matches_torch(isa, c, g, n, threads):
     d_mixed = torch.randn(g, n, c)
