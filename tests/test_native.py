@@ -136,10 +136,12 @@ FUSED_SHAPES = [(384, 384, 12), (1024, 384, 32), (36, 60, 3), (30, 20, 5), (7, 1
 
 @needs_avx512
 @pytest.mark.parametrize("n_in, n_out, g", FUSED_SHAPES)
-@pytest.mark.parametrize("n", [1, 47, 48, 49, 130])  # around the kernel's 48-token block
+@pytest.mark.parametrize("kernel, n", [("io_forward", n) for n in (1, 47, 48, 49, 130)]  # around its 48-token block
+                         + [("io_small", n) for n in (1, 3, 8)])
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("bias", [False, True])
-def test_fused_forward_is_the_block(n_in, n_out, g, n, threads, bias):
+def test_block_kernels_are_the_block(n_in, n_out, g, kernel, n, threads, bias):
+    """The fused forward and the small-N forward compute the block's dense map (fp32 rounding)."""
     torch.manual_seed(n)
     block = GroupedPointwiseBlock(n_in, n_out, g, bias=bias)
     if bias:
@@ -147,8 +149,8 @@ def test_fused_forward_is_the_block(n_in, n_out, g, n, threads, bias):
     x = torch.randn(n, n_in)
     y = torch.full((n, n_out), float("nan"))
     w, b = block.weight.detach(), None if block.bias is None else block.bias.detach()
-    layers._native.io_forward(x.data_ptr(), w.data_ptr(), 0 if b is None else b.data_ptr(), y.data_ptr(),
-                              n, n_in, n_out, g, threads)
+    getattr(layers._native, kernel)(x.data_ptr(), w.data_ptr(), 0 if b is None else b.data_ptr(), y.data_ptr(),
+                                    n, n_in, n_out, g, threads)
     ref = x.double() @ block.to_dense().double().t() + (0 if b is None else b.double())
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
 
@@ -196,25 +198,6 @@ def test_fused_forward_refuses_bad_shapes():
     x = torch.zeros(8)
     with pytest.raises(ValueError, match="g dividing"):
         layers._native.io_forward(x.data_ptr(), x.data_ptr(), 0, x.data_ptr(), 1, 6, 4, 4)
-
-
-@needs_avx512
-@pytest.mark.parametrize("n_in, n_out, g", FUSED_SHAPES)
-@pytest.mark.parametrize("n", [1, 3, 8])
-@pytest.mark.parametrize("threads", [1, 4])
-@pytest.mark.parametrize("bias", [False, True])
-def test_small_forward_is_the_block(n_in, n_out, g, n, threads, bias):
-    torch.manual_seed(n)
-    block = GroupedPointwiseBlock(n_in, n_out, g, bias=bias)
-    if bias:
-        torch.nn.init.normal_(block.bias)
-    x = torch.randn(n, n_in)
-    y = torch.full((n, n_out), float("nan"))
-    w, b = block.weight.detach(), None if block.bias is None else block.bias.detach()
-    layers._native.io_small(x.data_ptr(), w.data_ptr(), 0 if b is None else b.data_ptr(), y.data_ptr(),
-                            n, n_in, n_out, g, threads)
-    ref = x.double() @ block.to_dense().double().t() + (0 if b is None else b.double())
-    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
 
 
 @needs_avx512
