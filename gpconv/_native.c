@@ -371,6 +371,17 @@ static int run_split(job_t proto, int threads) {
         jobs[w].n1 = n * (w + 1) / threads;
         jobs[w].failed = 0;
     }
+#ifdef _OPENMP
+    /* Built with -fopenmp: the workers are OpenMP's, and since the extension is loaded after torch,
+       whose libgomp.so.1 is already in the process, they are torch's own pool (no second set of
+       threads competing with torch's spinning workers). */
+    (void)tid;
+    (void)started;
+#pragma omp parallel for num_threads(threads) schedule(static, 1)
+    for (int w = 0; w < threads; w++) run_job(&jobs[w]);
+    int failed = 0;
+    for (int w = 0; w < threads; w++) failed |= jobs[w].failed;
+#else
     for (int w = 1; w < threads; w++) started[w] = pthread_create(&tid[w], NULL, thread_main, &jobs[w]) == 0;
     run_job(&jobs[0]);
     int failed = jobs[0].failed;
@@ -381,6 +392,7 @@ static int run_split(job_t proto, int threads) {
             run_job(&jobs[w]); /* could not start a thread: do its share here */
         failed |= jobs[w].failed;
     }
+#endif
     return failed ? -1 : 0;
 }
 
@@ -471,5 +483,10 @@ PyMODINIT_FUNC PyInit__native(void) {
     have_avx512 = __builtin_cpu_supports("avx512f");
 #endif
     PyObject *m = PyModule_Create(&module);
+#ifdef _OPENMP
+    if (m != NULL) PyModule_AddIntConstant(m, "openmp", 1);
+#else
+    if (m != NULL) PyModule_AddIntConstant(m, "openmp", 0);
+#endif
     return m;
 }

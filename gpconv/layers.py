@@ -379,17 +379,22 @@ except ImportError:  # built without a C compiler: torch's copies below do the s
 NATIVE = _native is not None and os.environ.get("GPCONV_NATIVE", "1") != "0"
 """Use gpconv._native for the io block on CPU float32 (set False, or GPCONV_NATIVE=0, to opt out)."""
 
-# Only with torch.get_num_threads() == 1. The kernels run on the calling thread, and with several
-# torch threads they measured slower than torch's own multithreaded paths: torch's OpenMP workers
-# keep spinning after each parallel region, and SmolLM2's prefill at two threads fell from 1,155
-# to 759 tokens/s with the kernels on (docs/speed.md). Running them inside torch's thread pool
-# needs a C++ torch extension; not written.
+# Threads: setup.py builds the extension with -fopenmp where the compiler has it; loaded after
+# torch, whose libgomp.so.1 is already in the process, its parallel regions then run on torch's
+# own OpenMP pool, and the kernels get torch.get_num_threads() threads. A build without OpenMP
+# (_native.openmp == 0) is used only when torch runs one thread: its pthreads beside torch's
+# spinning OpenMP workers measured slower than torch alone (SmolLM2's prefill at two threads
+# 1,155 -> 759 tokens/s, docs/speed.md).
+
+
+def _threads() -> int:
+    return torch.get_num_threads() if _native.openmp else 1
 
 def _native_ok(*ts: torch.Tensor) -> bool:
     return (
         NATIVE
         and _native is not None
-        and torch.get_num_threads() == 1  # see the note after NATIVE
+        and (torch.get_num_threads() == 1 or _native.openmp)  # see the note after NATIVE
         and not torch.compiler.is_compiling()
         and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in ts)
     )
@@ -399,7 +404,7 @@ def _interleave_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """out (N, g, c) <- the interleave of x (N, in): ``out[n, k, i] = x[n, i*g + k]``."""
     n, g, c = out.shape
     if _native_ok(x, out):
-        _native.interleave(x.data_ptr(), out.data_ptr(), n, c, g)
+        _native.interleave(x.data_ptr(), out.data_ptr(), n, c, g, _threads())
         return out
     return out.copy_(x.view(n, c, g).transpose(1, 2))  # (N, in) -> (N, c, g) -> (N, g, c)
 
@@ -433,7 +438,7 @@ def _io_fused(x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
     g, oc, _ = weight.shape
     y = x.new_empty(n, g * oc)
     _native.io_forward(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
-                       n, i, g * oc, g)
+                       n, i, g * oc, g, _threads())
     return y
 
 
@@ -441,7 +446,7 @@ def _uninterleave_add(dx: torch.Tensor, d_mixed: torch.Tensor) -> torch.Tensor:
     """dx (N, in) += the un-interleave of d_mixed (g, N, c): ``dx[n, i*g + k] += d_mixed[k, n, i]``."""
     g, n, c = d_mixed.shape
     if _native_ok(dx, d_mixed):
-        _native.uninterleave_add(d_mixed.data_ptr(), dx.data_ptr(), n, c, g)
+        _native.uninterleave_add(d_mixed.data_ptr(), dx.data_ptr(), n, c, g, _threads())
         return dx
     dx.view(n, c, g).add_(d_mixed.permute(1, 2, 0))  # (g, N, c) -> (N, c, g)
     return dx
@@ -584,10 +589,10 @@ class _IOBlockCPU(torch.autograd.Function):
                 # (down_proj forward+backward 122.6 -> 114.0 ms). On wider groups (o_proj, qkv_proj)
                 # it measured level and on gate_up_proj (2048 outputs per group) 6% slower.
                 dyt = _scratch((g * oc, n), x, "dy_t")
-                _native.interleave(dy_c.data_ptr(), dyt.data_ptr(), 1, n, g * oc)  # (N, out) -> (out, N)
+                _native.interleave(dy_c.data_ptr(), dyt.data_ptr(), 1, n, g * oc)  # (N, out) -> (out, N), 1 thread
                 dyt = dyt.view(g, oc, n)
                 xi = _scratch((g, n, c), x)
-                _native.interleave(x.data_ptr(), xi.data_ptr(), n, c, g, 1, True)  # (N, in) -> (g, N, c)
+                _native.interleave(x.data_ptr(), xi.data_ptr(), n, c, g, _threads(), True)  # (N, in) -> (g, N, c)
             else:
                 dyt = dyg.transpose(1, 2)  # (g, oc, N)
                 xi = _interleave_into(x, _scratch((n, g, c), x)).transpose(0, 1)  # (N, g, c) -> (g, N, c)
@@ -672,7 +677,7 @@ def _native_inference(x, weight, bias, perm):
     g, oc, _ = weight.shape
     y = x.new_empty(n, g * oc)
     _native.io_small(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
-                     n, x.shape[1], g * oc, g)
+                     n, x.shape[1], g * oc, g, _threads())
     return y
 
 

@@ -93,7 +93,8 @@ def test_bad_arguments_raise():
 
 @needs_native
 @pytest.mark.parametrize("n_in, n_out, g", [(3072 // 8, 3072 // 8, 12), (1024, 384, 32), (96, 160, 8)])
-def test_block_with_and_without_native_is_bit_equal(monkeypatch, one_thread, n_in, n_out, g):
+@pytest.mark.parametrize("threads", [1, 2])  # 2: contiguous GEMM outputs, and OpenMP kernels where built so
+def test_block_with_and_without_native_is_bit_equal(monkeypatch, n_in, n_out, g, threads):
     """The io block's many-token CPU paths (inference and the hand-written backward) give the same
     bits with the native copy kernels as with torch's copies: only the data movement differs.
     (The fused forward sums in another order: tested against the dense map below.)"""
@@ -102,20 +103,35 @@ def test_block_with_and_without_native_is_bit_equal(monkeypatch, one_thread, n_i
     block = GroupedPointwiseBlock(n_in, n_out, g, bias=True)
     x = torch.randn(2, 150, n_in)  # 300 tokens: the many-token path
     dy = torch.randn(2, 150, n_out)
-    results = []
-    for native in (True, False):
-        monkeypatch.setattr(layers, "NATIVE", native)
-        with torch.inference_mode():
-            y_inf = block(x)
-        xg = x.clone().requires_grad_(True)
-        block.zero_grad()
-        y = block(xg)
-        y.backward(dy)
-        results.append((y_inf, y.detach(), xg.grad, block.weight.grad.clone(), block.bias.grad.clone()))
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        results = []
+        for native in (True, False):
+            monkeypatch.setattr(layers, "NATIVE", native)
+            with torch.inference_mode():
+                y_inf = block(x)
+            xg = x.clone().requires_grad_(True)
+            block.zero_grad()
+            y = block(xg)
+            y.backward(dy)
+            results.append((y_inf, y.detach(), xg.grad, block.weight.grad.clone(), block.bias.grad.clone()))
+    finally:
+        torch.set_num_threads(old)
     for a, b in zip(*results):
         assert torch.equal(a, b)
     # and the io block is still the paper's formula
     torch.testing.assert_close(results[0][0], x @ block.to_dense().t() + block.bias, rtol=1e-4, atol=1e-4)
+
+
+@needs_native
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_one_openmp_runtime_in_the_process():
+    """Built with OpenMP, the extension must share torch's libgomp (one runtime, one thread pool),
+    not load a second copy whose workers would compete with torch's."""
+    maps = open("/proc/self/maps").read().splitlines()
+    gomp = {line.split()[-1] for line in maps if "libgomp" in line.split()[-1]}
+    assert len(gomp) <= 1, gomp
 
 
 def test_native_off_by_environment():
@@ -161,12 +177,13 @@ def test_fused_forward_runs_in_the_block_and_in_training(monkeypatch, one_thread
     matches the two-GEMM path and gradients still come from the hand-written backward."""
     calls = []
     real = layers._native.io_forward
-    monkeypatch.setattr(layers, "_native", type("N", (), {
-        "io_forward": staticmethod(lambda *a: calls.append(a) or real(*a)),
-        "has_avx512": staticmethod(layers._native.has_avx512),
-        "interleave": staticmethod(layers._native.interleave),
-        "uninterleave_add": staticmethod(layers._native.uninterleave_add),
-    }))
+    native = layers._native
+
+    class Spy:
+        def __getattr__(self, name):
+            return (lambda *a: calls.append(a) or real(*a)) if name == "io_forward" else getattr(native, name)
+
+    monkeypatch.setattr(layers, "_native", Spy())
     torch.manual_seed(0)
     block = GroupedPointwiseBlock(384, 384, 12, bias=True)
     x = torch.randn(3, 100, 384, requires_grad=True)
@@ -228,9 +245,9 @@ def test_inference_routes_by_token_count(monkeypatch, one_thread, permuted):
     calls.clear()
     block(torch.randn(3, 96, requires_grad=True)).sum().backward()  # training: autograd's path
     assert calls == []
-    torch.set_num_threads(2)  # several torch threads: torch's own paths throughout
+    torch.set_num_threads(2)  # several torch threads: the kernels only when built with OpenMP
     with torch.no_grad():
         for n in (1, 200):
             x = torch.randn(n, 96)
             torch.testing.assert_close(block(x), x @ dense.t() + block.bias.detach(), rtol=1e-5, atol=1e-5)
-    assert calls == []
+    assert calls == (["io_small", "io_forward"] if real.openmp else [])
