@@ -12,7 +12,7 @@ The student is any saved gpconv model (e.g. one written by ``compare.py --save-s
 teacher is SmolLM2-135M-Instruct (offline); data: Alpaca rows from ``../shared/data``.
 bf16 pays off on CPUs with AMX or AVX-512 BF16; elsewhere it can be slower than fp32.
 ``--native-off`` adds a third side, fp32 with ``gpconv.layers.NATIVE = False`` (torch's paths
-instead of the C kernels, which only run in fp32 with one thread), in the same alternation.
+instead of the C kernels, which only run in fp32), in the same alternation.
 """
 
 from __future__ import annotations
