@@ -363,13 +363,16 @@ def io_dense(weight: torch.Tensor, gather_index: torch.Tensor, in_features: int)
 CONV_MIN_TOKENS = 128
 """CPU: from this many tokens on, the many-token paths (batched GEMMs / grouped conv); below it, gather + bmm."""
 
-# -- the interleave itself, on the CPU --------------------------------------------------------
+# -- gpconv._native: C kernels for the io block on the CPU (float32) -----------------------------
 #
-# torch runs x.view(N, c, g).transpose(1, 2).contiguous() as a strided elementwise copy: one
-# scalar load per float at a stride of g floats, ~3x a plain copy of the same size (8 ms against
-# 2.5 ms for down_proj's 32 MB at 1024 tokens). gpconv._native (gpconv/_native.c, built by
-# setup.py when a C compiler is there) transposes each token in 16 x 16 register tiles instead,
-# near plain-copy speed, and does the backward's un-interleaving add the same way.
+# gpconv/_native.c, built by setup.py when a C compiler is there (docs/speed.md):
+# * interleave / uninterleave_add: torch runs x.view(N, c, g).transpose(1, 2).contiguous() as a
+#   strided elementwise copy, one scalar load per float at a stride of g floats, ~3x a plain copy
+#   (8 ms against 2.5 ms for down_proj's 32 MB at 1024 tokens); the kernels transpose each token
+#   in 16 x 16 register tiles, near plain-copy speed. Also used as a plain 2-D transpose.
+# * io_forward (AVX-512): the whole block fused, for groups of <= FUSED_MAX_OUT_PER_GROUP outputs.
+# * io_small (AVX-512): inference of <= NATIVE_SMALL_MAX_TOKENS tokens (decode).
+# Every one has a torch path below that gives the same result (tests/test_native.py).
 
 try:
     from . import _native
@@ -389,6 +392,7 @@ NATIVE = _native is not None and os.environ.get("GPCONV_NATIVE", "1") != "0"
 
 def _threads() -> int:
     return torch.get_num_threads() if _native.openmp else 1
+
 
 def _native_ok(*ts: torch.Tensor) -> bool:
     return (
@@ -420,7 +424,6 @@ of x once per 8 outputs and streams all weights once per 48 tokens, so it loses 
 blocking on wide groups: measured at 1024 tokens, one thread (docs/speed.md), it wins on
 down_proj (96 outputs per group: 29.3 against 33.6 ms) and on SmolLM2's narrow groups (up to
 2.2x), and is 6-10% slower on o_proj / qkv_proj (256 / 768) and 22% slower on gate_up_proj (2048)."""
-
 
 
 def _kernels_ok(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
