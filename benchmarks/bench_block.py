@@ -209,7 +209,7 @@ def machine(device: str = "cpu") -> dict:
     )
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    info["native"] = "off" if not layers.NATIVE else ("built" if layers._native is not None else "not built")
+    info["native"] = layers.native_status()
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):

@@ -110,6 +110,8 @@ class BenchResult:
         if self.memory_kind == "rss" and d.base_memory_bytes:
             lines.append(f"(RSS of a child before loading a model: {d.base_memory_bytes / mib:,.0f} MiB)")
         lines.append(f"loadavg before/after: {self.loadavg[0]} / {self.loadavg[1]}")
+        if self.device == "cpu" and "native_kernels" in self.machine:
+            lines.append(f"gpconv C kernels: {self.machine['native_kernels']}")
         return "\n".join(lines)
 
 
@@ -388,4 +390,7 @@ def machine_info() -> dict:
         pass
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
+    from .layers import native_status
+
+    info["native_kernels"] = native_status()  # gpconv._native on the CPU (docs/speed.md)
     return info

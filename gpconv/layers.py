@@ -394,6 +394,17 @@ def _threads() -> int:
     return torch.get_num_threads() if _native.openmp else 1
 
 
+def native_status() -> str:
+    """What the C kernels do in this process, in words (benchmarks print it next to their numbers)."""
+    if _native is None:
+        return "not built (torch paths)"
+    if not NATIVE:
+        return "off (torch paths)"
+    kernels = "fused forward + copies (AVX-512)" if _native.has_avx512() else "copies only (no AVX-512)"
+    threads = "OpenMP, torch's threads" if _native.openmp else "no OpenMP, used at 1 thread only"
+    return f"on: {kernels}, {threads}"
+
+
 def _native_ok(*ts: torch.Tensor) -> bool:
     return (
         NATIVE

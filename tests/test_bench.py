@@ -40,6 +40,9 @@ def test_bench_json_against_own_dense_equivalent(dirs):
         assert d[side]["prefill_tokens_per_s"] > 0 and d[side]["decode_tokens_per_s"] > 0
         assert len(d[side]["prefill_s"]) == 2 and len(d[side]["decode_s"]) == 2
     assert d["memory_kind"] == "skipped" and d["prompt_len"] == 16 and d["new_tokens"] == 4
+    from gpconv.layers import native_status
+
+    assert d["machine"]["native_kernels"] == native_status()  # the numbers say which code made them
 
 
 def test_bench_table_with_baseline_and_memory(dirs):
@@ -48,6 +51,7 @@ def test_bench_table_with_baseline_and_memory(dirs):
     for word in ("prefill tokens/s", "decode tokens/s", "peak memory (rss)", "shrunk/dense", "MiB"):
         assert word in r.stdout, word
     assert str(dirs / "dense") in r.stdout
+    assert "gpconv C kernels: " in r.stdout
 
 
 def test_run_once_feeds_the_same_tokens_to_any_model(dirs):

@@ -135,11 +135,19 @@ def test_one_openmp_runtime_in_the_process():
 
 
 def test_native_off_by_environment():
-    """GPCONV_NATIVE=0 turns the kernels off for a whole process."""
-    code = "import gpconv.layers as l; print(l.NATIVE)"
+    """GPCONV_NATIVE=0 turns the kernels off for a whole process, and says so."""
+    code = "import gpconv.layers as l; print(l.NATIVE); print(l.native_status())"
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "GPCONV_NATIVE": "0"},
                          capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.split("\n")[:2] == ["False", "off (torch paths)" if layers._native else "not built (torch paths)"]
+
+
+@needs_native
+def test_native_status_names_what_runs():
+    status = layers.native_status()
+    assert status.startswith("on: ")
+    assert ("AVX-512" in status) == layers._native.has_avx512()
+    assert ("OpenMP, torch's threads" in status) == bool(layers._native.openmp)
 
 
 needs_avx512 = pytest.mark.skipif(layers._native is None or not layers._native.has_avx512(),
