@@ -259,3 +259,41 @@ def test_inference_routes_by_token_count(monkeypatch, one_thread, permuted):
             x = torch.randn(n, 96)
             torch.testing.assert_close(block(x), x @ dense.t() + block.bias.detach(), rtol=1e-5, atol=1e-5)
     assert calls == (["io_small", "io_forward"] if real.openmp else [])
+
+
+@needs_native
+@pytest.mark.parametrize("family", ["phi3", "qwen2", "opt"])  # fused qkv/gate_up, biases on q/k/v, biases everywhere
+@pytest.mark.parametrize("threads", [1, 2])
+def test_whole_model_logits_with_and_without_kernels(family, threads):
+    """End to end: a shrunk tiny model's prefill (64 tokens x 3 sequences: the fused forward) and
+    its KV-cache decode (1 token: io_small) give the same logits with the kernels on and off."""
+    from gpconv import GPConvConfig, shrink
+
+    from tiny_models import FAMILIES, MCPG
+
+    build, _, _ = FAMILIES[family]
+    model = build()
+    shrink(model, GPConvConfig(min_channels_per_group=MCPG, init="project", permute=(family == "qwen2")))
+    model = model.eval()
+    ids = torch.randint(3, 128, (3, 64))
+    old, old_native = torch.get_num_threads(), layers.NATIVE
+    torch.set_num_threads(threads)
+    try:
+        out = {}
+        for native in (True, False):
+            layers.NATIVE = native
+            with torch.no_grad():
+                full = model(ids).logits
+                past = model(ids[:, :60], use_cache=True).past_key_values
+                steps = []
+                for t in range(60, 64):
+                    o = model(ids[:, t:t + 1], past_key_values=past, use_cache=True)
+                    past = o.past_key_values
+                    steps.append(o.logits[:, -1])
+            out[native] = (full, torch.stack(steps))
+    finally:
+        layers.NATIVE = old_native
+        torch.set_num_threads(old)
+    torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out[True][1], out[True][0][:, 60:].transpose(0, 1), rtol=1e-4, atol=1e-4)
