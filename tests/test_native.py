@@ -30,6 +30,12 @@ def test_extension_is_built_where_a_compiler_exists():
 needs_native = pytest.mark.skipif(layers._native is None, reason="gpconv._native not built")
 
 
+@pytest.fixture(autouse=True)
+def kernels_on(monkeypatch):
+    """These tests are about the kernels: on even under GPCONV_NATIVE=0 (where built)."""
+    monkeypatch.setattr(layers, "NATIVE", layers._native is not None)
+
+
 @pytest.fixture
 def one_thread():
     """The block uses the kernels only with one torch thread (gpconv/layers.py, after NATIVE)."""
