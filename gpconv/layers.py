@@ -510,6 +510,13 @@ def clear_scratch() -> None:
     _SCRATCH.__dict__.pop("bufs", None)
 
 
+def _eager_cpu(x: torch.Tensor) -> bool:
+    """Eager CPU, outside torch.compile and CPU autocast: where the hand-written CPU paths (and
+    the C kernels, which compute in the tensors' own float32) may run. Under autocast the block
+    must follow autocast's dtype, so it takes the plain differentiable ops."""
+    return x.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
+
+
 def _needs_grad(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
     return torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
@@ -627,7 +634,7 @@ def _io_many(x: torch.Tensor, weight: torch.Tensor, bias, groups: int) -> torch.
     g, oc, k = weight.shape
     c = i // g
     mixed = x.view(n, c, g).transpose(1, 2)  # (N, in) -> (N, c, g) -> (N, g, c): the interleaved groups, strided
-    eager_cpu = x.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
+    eager_cpu = _eager_cpu(x)
     if eager_cpu and _needs_grad(x, weight, bias):
         return _IOBlockCPU.apply(x, weight, bias)
     if eager_cpu and _fused_ok(x, weight, bias):
@@ -677,10 +684,8 @@ def _native_inference(x, weight, bias, perm):
     small = n <= NATIVE_SMALL_MAX_TOKENS
     if not (small or (n >= FUSED_MIN_TOKENS and weight.shape[1] <= FUSED_MAX_OUT_PER_GROUP)):
         return None
-    if not (FUSED_FORWARD and x.device.type == "cpu" and x.dtype == torch.float32 and n > 0):
+    if not (FUSED_FORWARD and x.dtype == torch.float32 and n > 0 and _eager_cpu(x)) or _needs_grad(x, weight, bias):
         return None  # (checked before the permutation below costs a copy)
-    if _needs_grad(x, weight, bias) or torch.compiler.is_compiling():
-        return None
     if perm is not None:
         x = x.index_select(1, perm)
     x = x.contiguous()

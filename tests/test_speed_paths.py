@@ -208,6 +208,13 @@ def test_autocast_cpu_bfloat16(path):
         y = b(x)
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y.float(), b(x), atol=5e-2, rtol=5e-2)
+    for n in (5, 40, 200):  # inference too: a few tokens, narrow groups, many (the C kernels' routes)
+        x = torch.randn(n, 64)
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            y = b(x)
+        assert y.dtype == torch.bfloat16, n
+        with torch.no_grad():
+            torch.testing.assert_close(y.float(), b(x), atol=5e-2, rtol=5e-2)
 
 
 def test_empty_batch(path):
