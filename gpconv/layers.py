@@ -446,13 +446,15 @@ def _fused_ok(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
     return weight.shape[1] <= FUSED_MAX_OUT_PER_GROUP and _kernels_ok(x, weight, bias)
 
 
-def _io_fused(x: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
-    """y (N, out) of the io block by the fused C kernel; x (N, in) contiguous float32."""
+def _io_native(x: torch.Tensor, weight: torch.Tensor, bias, small: bool = False) -> torch.Tensor:
+    """y (N, out) of the io block by one C call: io_forward (fused), or io_small (a few tokens);
+    x (N, in) contiguous float32."""
     n, i = x.shape
     g, oc, _ = weight.shape
     y = x.new_empty(n, g * oc)
-    _native.io_forward(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
-                       n, i, g * oc, g, _threads())
+    kernel = _native.io_small if small else _native.io_forward
+    kernel(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
+           n, i, g * oc, g, _threads())
     return y
 
 
@@ -578,7 +580,7 @@ class _IOBlockCPU(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         if _fused_ok(x, weight, bias):
-            return _io_fused(x, weight, bias)
+            return _io_native(x, weight, bias)
         # nothing keeps the copy past this call, so it can live in the reused buffer
         return _io_bmm(x, weight, bias, _interleave_into(x, _scratch((n, g, c), x)))
 
@@ -638,7 +640,7 @@ def _io_many(x: torch.Tensor, weight: torch.Tensor, bias, groups: int) -> torch.
     if eager_cpu and _needs_grad(x, weight, bias):
         return _IOBlockCPU.apply(x, weight, bias)
     if eager_cpu and _fused_ok(x, weight, bias):
-        return _io_fused(x, weight, bias)
+        return _io_native(x, weight, bias)
     if eager_cpu:  # inference: the interleaved copy goes into a reused buffer (nothing keeps it)
         return _io_bmm(x, weight, bias, _interleave_into(x, _scratch((n, g, c), x)))
     # plain differentiable ops, for torch.compile, autocast and other devices
@@ -691,13 +693,7 @@ def _native_inference(x, weight, bias, perm):
     x = x.contiguous()
     if not _kernels_ok(x, weight, bias):
         return None
-    if not small:
-        return _io_fused(x, weight, bias)
-    g, oc, _ = weight.shape
-    y = x.new_empty(n, g * oc)
-    _native.io_small(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
-                     n, x.shape[1], g * oc, g, _threads())
-    return y
+    return _io_native(x, weight, bias, small)
 
 
 def io_forward(x, weight, bias, groups: int, gather_index=None, perm=None) -> torch.Tensor:
