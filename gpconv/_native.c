@@ -1,27 +1,33 @@
 /*
- * gpconv._native: the io block's two data-movement kernels on the CPU, in float32.
+ * gpconv._native: the io block's CPU kernels, in float32.
  *
  *   interleave(src, dst, n, c, g)          dst (n, g, c)  <- src (n, c, g)   per token a (c, g) -> (g, c) transpose
  *                                          (grouped=True: dst (g, n, c); n = 1: a plain 2-D transpose)
  *   uninterleave_add(src, dst, n, c, g)    dst (n, c, g) += src (g, n, c)    the backward's scatter, as an add
  *
  *   io_forward(x, w, bias, y, n, in, out, g)  y (n, out) = the whole io block, G1(x) + G2(interleave(x)) + bias
+ *   io_small(...)                             the same for a few tokens (decode)
  *
  * The first two are the interleave of the kphi-3 block: channel i*g + k of a token is channel k*c + i of its
  * interleaved copy. torch does them as a strided elementwise copy, one scalar load per element at
  * a stride of g floats (about 3x a plain copy for Phi-3's down_proj, docs/speed.md). Here each token
- * is transposed in 16 x 16 tiles held in AVX-512 registers, which runs near plain-copy speed. CPUs
- * without AVX-512 get a cache-tiled scalar loop (still a little faster than torch's).
+ * is transposed in register tiles (16 x 16 with AVX-512, 8 x 8 with AVX2), which runs near plain-copy
+ * speed. Other CPUs get a cache-tiled scalar loop (still a little faster than torch's).
+ *
+ * Every kernel comes in an AVX-512 and an AVX2 + FMA version, chosen at import from what the CPU
+ * has (isa(); no -march flags, so one build runs on any x86-64); io_forward and io_small have no
+ * portable version (gpconv/layers.py then takes torch's path).
  *
  * Pointers come from Python as integers (tensor.data_ptr()); the Python side (gpconv/layers.py)
- * checks dtype, contiguity and shapes before calling. The GIL is released while copying, and
- * `threads` > 1 splits the tokens over that many pthreads.
+ * checks dtype, contiguity and shapes before calling. The GIL is released while the kernels run,
+ * and `threads` > 1 splits the work over that many OpenMP (or, built without OpenMP, p-) threads.
  *
- * io_forward (AVX-512 only) fuses the interleave into a hand-written GEMM: a block of 48 tokens is
- * transposed once into a channel-major scratch tile (xt), after which a group's own channels and its
- * interleaved channels are both just rows of xt, and each output tile of 48 tokens x 8 outputs is 24
- * accumulators fed by one pass over the group's 2c inputs. No interleaved copy of x is written to
- * memory and the two halves are one GEMM instead of two (docs/speed.md has the measurements).
+ * io_forward fuses the interleave into a hand-written GEMM: a block of 48 tokens is transposed once
+ * into a channel-major scratch tile (xt), after which a group's own channels and its interleaved
+ * channels are both just rows of xt, and each output tile (AVX-512: 48 tokens x 8 outputs, 24
+ * accumulators; AVX2: 16 tokens x 6 outputs, 12) is fed by one pass over the group's 2c inputs.
+ * No interleaved copy of x is written to memory and the two halves are one GEMM instead of two
+ * (docs/speed.md has the measurements).
  *
  * Optional: setup.py builds it with optional=True, and gpconv falls back to torch's copy when it
  * is missing or GPCONV_NATIVE=0.
@@ -49,7 +55,19 @@ typedef struct {
     int failed;
 } job_t;
 
-static int have_avx512 = 0;
+/* Which x86 kernels run: chosen once at import from what the CPU has (__builtin_cpu_supports), no
+   -march flags, so one build runs everywhere. Tests step it down with set_isa(). */
+enum { ISA_PORTABLE = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+static int isa_level = ISA_PORTABLE;
+
+static int cpu_isa(void) {
+#ifdef GPCONV_X86
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) return ISA_AVX512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return ISA_AVX2;
+#endif
+    return ISA_PORTABLE;
+}
 
 /* ---- portable versions: 16-wide tiles so both the reads and the writes stay in cache lines ---- */
 
@@ -153,7 +171,7 @@ __attribute__((target("avx512f"))) static void uninterleave_add_avx512(const flo
     }
 }
 
-/* ---- io_forward: the fused block (AVX-512) ------------------------------------------------- */
+/* ---- io_forward: the fused block (AVX-512) ------------------------------------------------------- */
 
 #define FWD_OT 8  /* outputs per tile: 8 broadcasts per input channel ...                       */
 #define FWD_TV 3  /* ... times 3 vectors of 16 tokens = 24 accumulators, 48 tokens per tile.    */
@@ -288,17 +306,247 @@ __attribute__((target("avx512f"))) static void io_small_avx512(const float *x, c
         }
     }
 }
+
+/* ---- AVX2 + FMA versions (CPUs without AVX-512: AMD Zen 1-3, most desktop Intel) -------------
+ * The same algorithms in 8-wide registers: 8 x 8 transposes for the copies; the fused forward's
+ * output tile is 16 tokens x 6 outputs = 12 accumulators, which with 2 token vectors and one
+ * broadcast fills 15 of the 16 ymm registers. */
+
+/* r[j] holds row j of an 8 x 8 tile; on return r[j] holds column j. */
+__attribute__((target("avx2,fma"))) static inline void transpose8(__m256 r[8]) {
+    __m256 t[8], u[8];
+    for (int j = 0; j < 4; j++) { /* 2 x 2 blocks */
+        t[2 * j] = _mm256_unpacklo_ps(r[2 * j], r[2 * j + 1]);
+        t[2 * j + 1] = _mm256_unpackhi_ps(r[2 * j], r[2 * j + 1]);
+    }
+    for (int j = 0; j < 2; j++) { /* 4 x 4 blocks within each 128-bit lane */
+        u[4 * j] = _mm256_shuffle_ps(t[4 * j], t[4 * j + 2], 0x44);
+        u[4 * j + 1] = _mm256_shuffle_ps(t[4 * j], t[4 * j + 2], 0xee);
+        u[4 * j + 2] = _mm256_shuffle_ps(t[4 * j + 1], t[4 * j + 3], 0x44);
+        u[4 * j + 3] = _mm256_shuffle_ps(t[4 * j + 1], t[4 * j + 3], 0xee);
+    }
+    for (int j = 0; j < 4; j++) { /* the two 128-bit lanes */
+        r[j] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x20);
+        r[j + 4] = _mm256_permute2f128_ps(u[j], u[j + 4], 0x31);
+    }
+}
+
+/* lanes 0 .. w-1 set (w in 0..8), for maskload / maskstore */
+__attribute__((target("avx2,fma"))) static inline __m256i lanes8(int w) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(w), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+
+__attribute__((target("avx2,fma"))) static inline float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma"))) static void interleave_avx2(const float *src, float *dst, int64_t n0, int64_t n1,
+                                                                int64_t c, int64_t g, int64_t ts, int64_t rs) {
+    for (int64_t t = n0; t < n1; t++) {
+        const float *s = src + t * c * g; /* (c, g) */
+        float *d = dst + t * ts;          /* (g, c), rows rs apart */
+        for (int64_t k0 = 0; k0 < g; k0 += 8) {
+            const int kw = (int)(g - k0 < 8 ? g - k0 : 8);
+            const __m256i m = lanes8(kw);
+            int64_t i0 = 0;
+            for (; i0 + 8 <= c; i0 += 8) {
+                __m256 r[8];
+                for (int j = 0; j < 8; j++) /* a masked load only where the tile sticks out of the row */
+                    r[j] = kw == 8 ? _mm256_loadu_ps(s + (i0 + j) * g + k0) : _mm256_maskload_ps(s + (i0 + j) * g + k0, m);
+                transpose8(r); /* r[j]: channel k0 + j of rows i0 .. i0 + 7 */
+                for (int j = 0; j < kw; j++) _mm256_storeu_ps(d + (k0 + j) * rs + i0, r[j]);
+            }
+            for (; i0 < c; i0++)
+                for (int64_t k = k0; k < k0 + kw; k++) d[k * rs + i0] = s[i0 * g + k];
+        }
+    }
+}
+
+__attribute__((target("avx2,fma"))) static void uninterleave_add_avx2(const float *src, float *dst, int64_t n0,
+                                                                      int64_t n1, int64_t n, int64_t c, int64_t g) {
+    for (int64_t t = n0; t < n1; t++) {
+        float *d = dst + t * c * g; /* (c, g) */
+        for (int64_t k0 = 0; k0 < g; k0 += 8) {
+            const int kw = (int)(g - k0 < 8 ? g - k0 : 8);
+            const __m256i m = lanes8(kw);
+            int64_t i0 = 0;
+            for (; i0 + 8 <= c; i0 += 8) {
+                __m256 r[8];
+                for (int j = 0; j < 8; j++) /* row j: group k0 + j, token t, channels i0 .. i0 + 7 */
+                    r[j] = j < kw ? _mm256_loadu_ps(src + ((k0 + j) * n + t) * c + i0) : _mm256_setzero_ps();
+                transpose8(r); /* r[j]: channel i0 + j across groups k0 .. k0 + 7 */
+                for (int j = 0; j < 8; j++) {
+                    float *p = d + (i0 + j) * g + k0;
+                    if (kw == 8)
+                        _mm256_storeu_ps(p, _mm256_add_ps(_mm256_loadu_ps(p), r[j]));
+                    else
+                        _mm256_maskstore_ps(p, m, _mm256_add_ps(_mm256_maskload_ps(p, m), r[j]));
+                }
+            }
+            for (; i0 < c; i0++)
+                for (int64_t k = k0; k < k0 + kw; k++) d[i0 * g + k] += src[(k * n + t) * c + i0];
+        }
+    }
+}
+
+#define F2_OT 6  /* outputs per tile: 6 broadcasts per input channel ...                            */
+#define F2_TV 2  /* ... times 2 vectors of 8 tokens = 12 accumulators, 16 tokens per tile.          */
+#define F2_TB 48 /* tokens per transposed block, worked as 3 tiles of 16 while a weight tile (6 rows
+                    of 2c) stays in L1; 32, 64 or 96 measured no faster on a Zen 3 EPYC */
+
+__attribute__((target("avx2,fma"))) static void io_forward_avx2(const float *x, const float *w, const float *bias,
+                                                                float *y, int64_t n0, int64_t n1, int64_t in,
+                                                                int64_t out, int64_t g, float *xt, float *wpad) {
+    const int64_t c = in / g, oc = out / g, k2 = 2 * c, nt = (oc + F2_OT - 1) / F2_OT;
+    for (int64_t tb0 = n0; tb0 < n1; tb0 += F2_TB) {
+        const int64_t nb = n1 - tb0 < F2_TB ? n1 - tb0 : F2_TB; /* tokens in this block */
+        const int64_t ns = (nb + 15) / 16;                       /* 16-token tiles with real tokens */
+        /* xt[ch][t] = x[tb0 + t][ch]: (16 ns, in) -> (in, 48) in 8 x 8 register tiles; tokens past nb are zeros */
+        for (int64_t t0 = 0; t0 < 16 * ns; t0 += 8) {
+            for (int64_t ch0 = 0; ch0 < in; ch0 += 8) {
+                const int chw = (int)(in - ch0 < 8 ? in - ch0 : 8);
+                const __m256i m = lanes8(chw);
+                __m256 r[8];
+                for (int j = 0; j < 8; j++) {
+                    const float *p = x + (tb0 + t0 + j) * in + ch0;
+                    r[j] = t0 + j >= nb ? _mm256_setzero_ps() : chw == 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, m);
+                }
+                transpose8(r);
+                for (int j = 0; j < chw; j++) _mm256_store_ps(xt + (ch0 + j) * F2_TB + t0, r[j]);
+            }
+        }
+        for (int64_t k = 0; k < g; k++) {
+            for (int64_t ot = 0; ot < nt; ot++) {
+                const int64_t ow = oc - ot * F2_OT < F2_OT ? oc - ot * F2_OT : F2_OT;
+                const float *wt = w + (k * oc + ot * F2_OT) * k2; /* F2_OT rows of the (g, oc, 2c) weight */
+                if (ow < F2_OT) { /* last tile of a group whose oc is not a multiple of 6: zero rows */
+                    memset(wpad, 0, sizeof(float) * F2_OT * k2);
+                    memcpy(wpad, wt, sizeof(float) * ow * k2);
+                    wt = wpad;
+                }
+                const __m256i om = lanes8((int)ow);
+                const __m256 bv = bias ? _mm256_maskload_ps(bias + k * oc + ot * F2_OT, om) : _mm256_setzero_ps();
+                for (int64_t s = 0; s < ns; s++) {
+                    /* 12 named accumulators: with an array, gcc spilled them to the stack in the second loop */
+                    __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+                    __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+#define F2_STEP(A, J)                                                                                              \
+    do {                                                                                                           \
+        const __m256 a0 = _mm256_load_ps(A), a1 = _mm256_load_ps((A) + 8);                                         \
+        __m256 b = _mm256_broadcast_ss(wt + (J));                                                                  \
+        c00 = _mm256_fmadd_ps(a0, b, c00), c01 = _mm256_fmadd_ps(a1, b, c01);                                      \
+        b = _mm256_broadcast_ss(wt + k2 + (J));                                                                    \
+        c10 = _mm256_fmadd_ps(a0, b, c10), c11 = _mm256_fmadd_ps(a1, b, c11);                                      \
+        b = _mm256_broadcast_ss(wt + 2 * k2 + (J));                                                                \
+        c20 = _mm256_fmadd_ps(a0, b, c20), c21 = _mm256_fmadd_ps(a1, b, c21);                                      \
+        b = _mm256_broadcast_ss(wt + 3 * k2 + (J));                                                                \
+        c30 = _mm256_fmadd_ps(a0, b, c30), c31 = _mm256_fmadd_ps(a1, b, c31);                                      \
+        b = _mm256_broadcast_ss(wt + 4 * k2 + (J));                                                                \
+        c40 = _mm256_fmadd_ps(a0, b, c40), c41 = _mm256_fmadd_ps(a1, b, c41);                                      \
+        b = _mm256_broadcast_ss(wt + 5 * k2 + (J));                                                                \
+        c50 = _mm256_fmadd_ps(a0, b, c50), c51 = _mm256_fmadd_ps(a1, b, c51);                                      \
+    } while (0)
+                    /* own half: input channel j of group k is channel k*c + j of x */
+                    const float *ao = xt + k * c * F2_TB + 16 * s;
+                    for (int64_t j = 0; j < c; j++) F2_STEP(ao + j * F2_TB, j);
+                    /* interleaved half: its channel j is channel j*g + k of x (the interleave, read in place) */
+                    const float *am = xt + k * F2_TB + 16 * s;
+                    for (int64_t j = 0; j < c; j++) {
+                        const float *p = am + j * g * F2_TB; /* one 64-byte line, g * 192 bytes after the last */
+                        _mm_prefetch((const char *)(p + 8 * g * F2_TB), _MM_HINT_T0);
+                        F2_STEP(p, c + j);
+                    }
+#undef F2_STEP
+                    const __m256 acc[F2_OT][F2_TV] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
+                    /* back to token-major: an 8 x 8 transpose of (outputs, 8 tokens), 6 outputs per token row */
+                    float *yb = y + (tb0 + 16 * s) * out + k * oc + ot * F2_OT;
+                    for (int v = 0; v < F2_TV; v++) {
+                        __m256 r[8];
+                        for (int o = 0; o < 8; o++) r[o] = o < F2_OT ? acc[o][v] : _mm256_setzero_ps();
+                        transpose8(r); /* r[q]: outputs 0..7 of token 16 s + 8 v + q */
+                        for (int q = 0; q < 8 && 16 * s + 8 * v + q < nb; q++)
+                            _mm256_maskstore_ps(yb + (8 * v + q) * out, om, _mm256_add_ps(r[q], bv));
+                    }
+                }
+            }
+        }
+    }
+}
+
+/* io_small in 8-wide registers: see io_small_avx512. Eight weight rows at a time: eight independent
+   FMA chains keep both of an AVX2 core's FMA units busy (four measured slower than gather + bmm on
+   wide groups). */
+__attribute__((target("avx2,fma"))) static void io_small_avx2(const float *x, const float *w, const float *bias,
+                                                              float *y, int64_t n, int64_t in, int64_t out, int64_t g,
+                                                              int64_t k0, int64_t k1, float *z) {
+    const int64_t c = in / g, oc = out / g, k2 = 2 * c;
+    const int64_t full = k2 / 8 * 8;
+    const int rem = (int)(k2 - full);
+    const __m256i tail = lanes8(rem);
+    for (int64_t k = k0; k < k1; k++) {
+        for (int64_t t = 0; t < n; t++) { /* z[t] = [x own | x interleaved] of group k, zero-padded to 8 */
+            const float *xr = x + t * in;
+            float *zt = z + t * (full + 8);
+            memcpy(zt, xr + k * c, sizeof(float) * c);
+            for (int64_t j = 0; j < c; j++) zt[c + j] = xr[j * g + k];
+        }
+        const float *wk = w + k * oc * k2;
+        int64_t o = 0;
+        for (; o + 8 <= oc; o += 8) {
+            const float *wr = wk + o * k2;
+            for (int64_t t = 0; t < n; t++) {
+                const float *zt = z + t * (full + 8);
+                __m256 a[8];
+                for (int r = 0; r < 8; r++) a[r] = _mm256_setzero_ps();
+                int64_t j = 0;
+                for (; j < full; j += 8) {
+                    const __m256 zv = _mm256_loadu_ps(zt + j);
+                    for (int r = 0; r < 8; r++) a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(wr + r * k2 + j), zv, a[r]);
+                }
+                if (rem) {
+                    const __m256 zv = _mm256_maskload_ps(zt + j, tail);
+                    for (int r = 0; r < 8; r++) a[r] = _mm256_fmadd_ps(_mm256_maskload_ps(wr + r * k2 + j, tail), zv, a[r]);
+                }
+                /* eight horizontal sums at once: yt[r] = sum of a[r] */
+                const __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
+                const __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
+                const __m256 q0 = _mm256_hadd_ps(s01, s23), q1 = _mm256_hadd_ps(s45, s67);
+                /* q0 lanes: (0 1 2 3 | 0 1 2 3) halves of rows 0-3; q1 the same for rows 4-7 */
+                __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31));
+                if (bias) sum = _mm256_add_ps(sum, _mm256_loadu_ps(bias + k * oc + o));
+                _mm256_storeu_ps(y + t * out + k * oc + o, sum);
+            }
+        }
+        for (; o < oc; o++) { /* oc not a multiple of 8 */
+            const float *wr = wk + o * k2;
+            for (int64_t t = 0; t < n; t++) {
+                const float *zt = z + t * (full + 8);
+                __m256 a = _mm256_setzero_ps();
+                int64_t j = 0;
+                for (; j < full; j += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(wr + j), _mm256_loadu_ps(zt + j), a);
+                if (rem) a = _mm256_fmadd_ps(_mm256_maskload_ps(wr + j, tail), _mm256_maskload_ps(zt + j, tail), a);
+                y[t * out + k * oc + o] = hsum8(a) + (bias ? bias[k * oc + o] : 0.0f);
+            }
+        }
+    }
+}
 #endif
 
 static void io_small_job(job_t *j) {
 #ifdef GPCONV_X86
     /* here n0..n1 range over groups; j->n is the token count */
-    float *z = malloc(sizeof(float) * (size_t)(j->n * 2 * j->c + 16));
+    float *z = malloc(sizeof(float) * (size_t)(j->n * (2 * j->c + 16)));
     if (z == NULL) {
         j->failed = 1;
         return;
     }
-    io_small_avx512(j->src, j->w, j->bias, j->dst, j->n, j->c * j->g, j->out, j->g, j->n0, j->n1, z);
+    if (isa_level == ISA_AVX512)
+        io_small_avx512(j->src, j->w, j->bias, j->dst, j->n, j->c * j->g, j->out, j->g, j->n0, j->n1, z);
+    else
+        io_small_avx2(j->src, j->w, j->bias, j->dst, j->n, j->c * j->g, j->out, j->g, j->n0, j->n1, z);
     free(z);
 #else
     j->failed = 1;
@@ -308,12 +556,16 @@ static void io_small_job(job_t *j) {
 static void io_forward_job(job_t *j) {
 #ifdef GPCONV_X86
     const int64_t in = j->c * j->g;
-    float *xt = aligned_alloc(64, sizeof(float) * (size_t)(in * FWD_TB));
-    float *wpad = malloc(sizeof(float) * (size_t)(FWD_OT * 2 * j->c));
+    const int wide = isa_level == ISA_AVX512;
+    const int64_t tb = wide ? FWD_TB : F2_TB, ot = wide ? FWD_OT : F2_OT;
+    float *xt = aligned_alloc(64, sizeof(float) * (size_t)(in * tb)); /* in * tb * 4 is a multiple of 64 */
+    float *wpad = malloc(sizeof(float) * (size_t)(ot * 2 * j->c));
     if (xt == NULL || wpad == NULL) {
         j->failed = 1;
-    } else {
+    } else if (wide) {
         io_forward_avx512(j->src, j->w, j->bias, j->dst, j->n0, j->n1, in, j->out, j->g, xt, wpad);
+    } else {
+        io_forward_avx2(j->src, j->w, j->bias, j->dst, j->n0, j->n1, in, j->out, j->g, xt, wpad);
     }
     free(xt);
     free(wpad);
@@ -332,12 +584,19 @@ static void run_job(job_t *j) {
         return;
     }
 #ifdef GPCONV_X86
-    if (have_avx512) {
+    const int64_t ts = j->grouped ? j->c : j->c * j->g, rs = j->grouped ? j->n * j->c : j->c;
+    if (isa_level == ISA_AVX512) {
         if (j->kind == 0)
-            interleave_avx512(j->src, j->dst, j->n0, j->n1, j->c, j->g, j->grouped ? j->c : j->c * j->g,
-                              j->grouped ? j->n * j->c : j->c);
+            interleave_avx512(j->src, j->dst, j->n0, j->n1, j->c, j->g, ts, rs);
         else
             uninterleave_add_avx512(j->src, j->dst, j->n0, j->n1, j->n, j->c, j->g);
+        return;
+    }
+    if (isa_level == ISA_AVX2) {
+        if (j->kind == 0)
+            interleave_avx2(j->src, j->dst, j->n0, j->n1, j->c, j->g, ts, rs);
+        else
+            uninterleave_add_avx2(j->src, j->dst, j->n0, j->n1, j->n, j->c, j->g);
         return;
     }
 #endif
@@ -424,8 +683,8 @@ static PyObject *io_call(PyObject *args, int kind) {
         PyErr_SetString(PyExc_ValueError, "gpconv._native.io_forward: need n >= 0 and g dividing in and out");
         return NULL;
     }
-    if (!have_avx512) {
-        PyErr_SetString(PyExc_RuntimeError, "gpconv._native.io_forward needs AVX-512");
+    if (isa_level < ISA_AVX2) {
+        PyErr_SetString(PyExc_RuntimeError, "gpconv._native.io_forward needs AVX2 + FMA or AVX-512");
         return NULL;
     }
     job_t proto = {(const float *)(uintptr_t)x, (float *)(uintptr_t)y, 0, 0, n, in / g, g, kind, 0,
@@ -441,19 +700,26 @@ static PyObject *io_call(PyObject *args, int kind) {
 static PyObject *py_io_forward(PyObject *self, PyObject *args) { return io_call(args, 2); }
 static PyObject *py_io_small(PyObject *self, PyObject *args) { return io_call(args, 3); }
 
-static PyObject *py_has_avx512(PyObject *self, PyObject *args) { return PyBool_FromLong(have_avx512); }
+static const char *isa_names[] = {"portable", "avx2", "avx512"};
+
+static PyObject *py_isa(PyObject *self, PyObject *args) { return PyUnicode_FromString(isa_names[isa_level]); }
 static PyObject *py_uninterleave_add(PyObject *self, PyObject *args) { return call(args, 1); }
 
-/* Tests run both versions on an AVX-512 machine: set_avx512(False) forces the portable loops. */
-static PyObject *py_set_avx512(PyObject *self, PyObject *args) {
-    int on;
-    if (!PyArg_ParseTuple(args, "p", &on)) return NULL;
-    int before = have_avx512;
-#ifdef GPCONV_X86
-    __builtin_cpu_init();
-    have_avx512 = on && __builtin_cpu_supports("avx512f");
-#endif
-    return PyBool_FromLong(before);
+/* Tests run every version the CPU has: set_isa("portable") forces the portable loops, "avx2" the
+   AVX2 ones on an AVX-512 CPU. Asking for more than the CPU has gives what it has. */
+static PyObject *py_set_isa(PyObject *self, PyObject *args) {
+    const char *name;
+    if (!PyArg_ParseTuple(args, "s", &name)) return NULL;
+    int want = -1;
+    for (int i = 0; i < 3; i++)
+        if (strcmp(name, isa_names[i]) == 0) want = i;
+    if (want < 0) {
+        PyErr_Format(PyExc_ValueError, "gpconv._native.set_isa: %s is not one of portable, avx2, avx512", name);
+        return NULL;
+    }
+    const int before = isa_level, have = cpu_isa();
+    isa_level = want < have ? want : have;
+    return PyUnicode_FromString(isa_names[before]);
 }
 
 static PyMethodDef methods[] = {
@@ -464,13 +730,14 @@ static PyMethodDef methods[] = {
      "uninterleave_add(src_ptr, dst_ptr, n, c, g, threads=1): float32 dst (n, c, g) += src (g, n, c) permuted."},
     {"io_forward", py_io_forward, METH_VARARGS,
      "io_forward(x_ptr, w_ptr, bias_ptr_or_0, y_ptr, n, in, out, g, threads=1): float32 y (n, out) = the io block "
-     "on x (n, in) with weight (g, out/g, 2*in/g); AVX-512 only."},
+     "on x (n, in) with weight (g, out/g, 2*in/g); needs AVX2 + FMA or AVX-512."},
     {"io_small", py_io_small, METH_VARARGS,
      "io_small(x_ptr, w_ptr, bias_ptr_or_0, y_ptr, n, in, out, g, threads=1): the same as io_forward, "
-     "for a few tokens (one dot product per output; threads split the groups); AVX-512 only."},
-    {"has_avx512", py_has_avx512, METH_NOARGS, "has_avx512() -> bool: are the AVX-512 kernels in use?"},
-    {"set_avx512", py_set_avx512, METH_VARARGS,
-     "set_avx512(on) -> bool: use the AVX-512 kernels when the CPU has them (on) or the portable ones; returns the old setting."},
+     "for a few tokens (one dot product per output; threads split the groups); needs AVX2 + FMA or AVX-512."},
+    {"isa", py_isa, METH_NOARGS, "isa() -> 'avx512' | 'avx2' | 'portable': which kernels run (the best this CPU has)."},
+    {"set_isa", py_set_isa, METH_VARARGS,
+     "set_isa(name) -> str: run the kernels of 'avx512', 'avx2' or 'portable' (at most what the CPU has); "
+     "returns the old setting."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -478,10 +745,7 @@ static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_native", "gpconv's 
                                     methods};
 
 PyMODINIT_FUNC PyInit__native(void) {
-#ifdef GPCONV_X86
-    __builtin_cpu_init();
-    have_avx512 = __builtin_cpu_supports("avx512f");
-#endif
+    isa_level = cpu_isa();
     PyObject *m = PyModule_Create(&module);
 #ifdef _OPENMP
     if (m != NULL) PyModule_AddIntConstant(m, "openmp", 1);

@@ -369,9 +369,12 @@ CONV_MIN_TOKENS = 128
 # * interleave / uninterleave_add: torch runs x.view(N, c, g).transpose(1, 2).contiguous() as a
 #   strided elementwise copy, one scalar load per float at a stride of g floats, ~3x a plain copy
 #   (8 ms against 2.5 ms for down_proj's 32 MB at 1024 tokens); the kernels transpose each token
-#   in 16 x 16 register tiles, near plain-copy speed. Also used as a plain 2-D transpose.
-# * io_forward (AVX-512): the whole block fused, for groups of <= FUSED_MAX_OUT_PER_GROUP outputs.
-# * io_small (AVX-512): inference of <= NATIVE_SMALL_MAX_TOKENS tokens (decode).
+#   in 16 x 16 (AVX-512) or 8 x 8 (AVX2) register tiles, near plain-copy speed. Also used as a
+#   plain 2-D transpose.
+# * io_forward (AVX-512 or AVX2 + FMA): the whole block fused, for groups of <=
+#   FUSED_MAX_OUT_PER_GROUP[isa] outputs.
+# * io_small (AVX-512 or AVX2 + FMA): inference of <= NATIVE_SMALL_MAX_TOKENS tokens (decode).
+# Which of them a CPU runs is chosen when the extension loads (_native.isa(): the best it has).
 # Every one has a torch path below that gives the same result (tests/test_native.py).
 
 try:
@@ -400,7 +403,8 @@ def native_status() -> str:
         return "not built (torch paths)"
     if not NATIVE:
         return "off (torch paths)"
-    kernels = "fused forward + copies (AVX-512)" if _native.has_avx512() else "copies only (no AVX-512)"
+    kernels = {"avx512": "fused forward + copies (AVX-512)", "avx2": "fused forward + copies (AVX2)",
+               "portable": "copies only (no AVX2)"}[_native.isa()]
     threads = "OpenMP, torch's threads" if _native.openmp else "no OpenMP, used at 1 thread only"
     return f"on: {kernels}, {threads}"
 
@@ -425,25 +429,39 @@ def _interleave_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 
 
 FUSED_FORWARD = True
-"""CPU float32 with AVX-512: run the io block's forward as gpconv._native.io_forward, one fused
+"""CPU float32 with AVX-512 or AVX2: run the io block's forward as gpconv._native.io_forward, one fused
 interleave + GEMM, instead of an interleaved copy and two MKL GEMMs (docs/speed.md). Only
 consulted when :data:`NATIVE` is on."""
 
-FUSED_MAX_OUT_PER_GROUP = 192
-"""The fused forward only for groups of at most this many outputs. It re-reads a 48-token slice
-of x once per 8 outputs and streams all weights once per 48 tokens, so it loses to MKL's
-blocking on wide groups: measured at 1024 tokens, one thread (docs/speed.md), it wins on
-down_proj (96 outputs per group: 29.3 against 33.6 ms) and on SmolLM2's narrow groups (up to
-2.2x), and is 6-10% slower on o_proj / qkv_proj (256 / 768) and 22% slower on gate_up_proj (2048)."""
+FUSED_MAX_OUT_PER_GROUP = {"avx512": 192, "avx2": 64}
+"""The fused forward only for groups of at most this many outputs, per kernel version
+(``_native.isa()``). It re-reads a 48-token slice of x once per output tile and streams all
+weights once per 48 tokens, so it loses to MKL's blocking on wide groups. Measured at one thread
+(docs/speed.md): AVX-512 (Xeon, 1024 tokens) wins on down_proj (96 outputs per group: 29.3
+against 33.6 ms) and on SmolLM2's narrow groups (up to 2.2x), 6-10% slower on o_proj / qkv_proj
+(256 / 768) and 22% slower on gate_up_proj (2048); AVX2 (Zen 3 EPYC) wins on groups of 24-64
+outputs (0.62-0.93 x the two GEMMs' time at 128-1024 tokens), is level to 6% slower at 96
+(Phi-3's down_proj) and 3-11% slower at 192."""
+
+# The backward gives both dW GEMMs contiguous operands for groups of up to this many outputs.
+# Measured on the Xeon at 1024 tokens: through strided views MKL took ~20 ms for each of
+# down_proj's dW GEMMs, ~11 ms on contiguous ones, and the transposes cost ~2-4 ms (down_proj
+# forward+backward 122.6 -> 114.0 ms); level on o_proj and qkv_proj, 6% slower on gate_up_proj
+# (2048 outputs per group). Reading dY^T transposed in the dx GEMMs too measured no faster (Zen 3).
+_DW_CONTIGUOUS_MAX_OUT = 192
+
+
+def _max_fused_out() -> int:
+    return FUSED_MAX_OUT_PER_GROUP.get(_native.isa(), 0) if _native is not None else 0
 
 
 def _kernels_ok(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
-    """May the AVX-512 block kernels (io_forward, io_small) run on these tensors?"""
-    return FUSED_FORWARD and _native_ok(x, weight, *(() if bias is None else (bias,))) and _native.has_avx512()
+    """May the block kernels (io_forward, io_small; AVX-512 or AVX2) run on these tensors?"""
+    return FUSED_FORWARD and _native_ok(x, weight, *(() if bias is None else (bias,))) and _native.isa() != "portable"
 
 
 def _fused_ok(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
-    return weight.shape[1] <= FUSED_MAX_OUT_PER_GROUP and _kernels_ok(x, weight, bias)
+    return _kernels_ok(x, weight, bias) and weight.shape[1] <= _max_fused_out()
 
 
 def _io_native(x: torch.Tensor, weight: torch.Tensor, bias, small: bool = False) -> torch.Tensor:
@@ -605,12 +623,9 @@ class _IOBlockCPU(torch.autograd.Function):
             _uninterleave_add(dx, d_mixed)
         if ctx.needs_input_grad[1]:
             own = x.view(n, g, c).transpose(0, 1)  # (g, N, c)
-            if oc <= FUSED_MAX_OUT_PER_GROUP and _native_ok(x, dy_c):
+            if oc <= _DW_CONTIGUOUS_MAX_OUT and _native_ok(x, dy_c):
                 # both dW GEMMs on contiguous operands: dY^T as its own (g, oc, N) array and the
-                # interleaved copy as (g, N, c). Through strided views MKL took ~20 ms for each of
-                # down_proj's at 1024 tokens, ~11 ms on contiguous ones; the transposes cost ~2-4 ms
-                # (down_proj forward+backward 122.6 -> 114.0 ms). On wider groups (o_proj, qkv_proj)
-                # it measured level and on gate_up_proj (2048 outputs per group) 6% slower.
+                # interleaved copy as (g, N, c) (see _DW_CONTIGUOUS_MAX_OUT).
                 dyt = _scratch((g * oc, n), x, "dy_t")
                 _native.interleave(dy_c.data_ptr(), dyt.data_ptr(), 1, n, g * oc)  # (N, out) -> (out, N), 1 thread
                 dyt = dyt.view(g, oc, n)
@@ -670,11 +685,13 @@ def _use_conv(x: torch.Tensor) -> bool:
 
 
 NATIVE_SMALL_MAX_TOKENS = 8
-"""Inference, CPU float32, AVX-512: up to this many tokens (decode) the io block is one
+"""Inference, CPU float32, AVX-512 or AVX2: up to this many tokens (decode) the io block is one
 ``gpconv._native.io_small`` call; from :data:`FUSED_MIN_TOKENS` on (groups of at most
 :data:`FUSED_MAX_OUT_PER_GROUP` outputs) one ``io_forward`` call. Measured one thread, medians
-(docs/speed.md): 1 token SmolLM2 -m 64 shapes 3.3-10.7 us against 18.6-35.5 us for gather + bmm;
-Phi-3's 1.1-1.3x faster. Between the two limits gather + bmm was as fast or faster."""
+(docs/speed.md): AVX-512, 1 token, SmolLM2 -m 64 shapes 3.3-10.7 us against 18.6-35.5 us for
+gather + bmm, Phi-3's 1.1-1.3x faster; AVX2, tiny-phi3 / SmolLM2 -m 64 shapes, 0.87-0.97 x the
+time of gather + bmm at 1 token and 0.72-0.83 x at 4. Between the two limits gather + bmm was as
+fast or faster."""
 
 FUSED_MIN_TOKENS = 32
 
@@ -684,7 +701,7 @@ def _native_inference(x, weight, bias, perm):
     measured-faster choice or not possible here."""
     n = x.shape[0]
     small = n <= NATIVE_SMALL_MAX_TOKENS
-    if not (small or (n >= FUSED_MIN_TOKENS and weight.shape[1] <= FUSED_MAX_OUT_PER_GROUP)):
+    if not (small or (n >= FUSED_MIN_TOKENS and weight.shape[1] <= _max_fused_out())):
         return None
     if not (FUSED_FORWARD and x.dtype == torch.float32 and n > 0 and _eager_cpu(x)) or _needs_grad(x, weight, bias):
         return None  # (checked before the permutation below costs a copy)

@@ -45,12 +45,29 @@ def one_thread():
     torch.set_num_threads(old)
 
 
-@pytest.fixture(params=[True, False], ids=["avx512", "portable"])
+def _use_isa(name):
+    """Switch the kernels to ``name``; skip the test where this CPU lacks it. Returns the old one."""
+    before = layers._native.set_isa(name)
+    if layers._native.isa() != name:
+        layers._native.set_isa(before)
+        pytest.skip(f"this CPU has no {name}")
+    return before
+
+
+@pytest.fixture(params=["avx512", "avx2", "portable"])
 def isa(request):
-    """Run a test with the AVX-512 kernels (where the CPU has them) and with the portable loops."""
-    before = layers._native.set_avx512(request.param)
+    """Run a test with each version of the copy kernels this CPU has (AVX-512, AVX2, portable)."""
+    before = _use_isa(request.param)
     yield request.param
-    layers._native.set_avx512(before)
+    layers._native.set_isa(before)
+
+
+@pytest.fixture(params=["avx512", "avx2"])
+def block_isa(request):
+    """The block kernels (io_forward, io_small): AVX-512 and AVX2 versions, where the CPU has them."""
+    before = _use_isa(request.param)
+    yield request.param
+    layers._native.set_isa(before)
 
 
 @needs_native
@@ -152,25 +169,28 @@ def test_native_off_by_environment():
 def test_native_status_names_what_runs():
     status = layers.native_status()
     assert status.startswith("on: ")
-    assert ("AVX-512" in status) == layers._native.has_avx512()
+    names = {"avx512": "fused forward + copies (AVX-512)", "avx2": "fused forward + copies (AVX2)",
+             "portable": "copies only (no AVX2)"}
+    assert names[layers._native.isa()] in status
     assert ("OpenMP, torch's threads" in status) == bool(layers._native.openmp)
 
 
-needs_avx512 = pytest.mark.skipif(layers._native is None or not layers._native.has_avx512(),
-                                  reason="the fused forward needs gpconv._native on an AVX-512 CPU")
+needs_block_kernels = pytest.mark.skipif(
+    layers._native is None or layers._native.isa() == "portable",
+    reason="the fused forward needs gpconv._native on an AVX2 or AVX-512 CPU")
 
-# (in, out, g): Phi-3's o_proj / down_proj at 1/8 width, oc not a multiple of the 8-output tile,
-# in not a multiple of the 16-channel tile, one channel per group, g = 1
-FUSED_SHAPES = [(384, 384, 12), (1024, 384, 32), (36, 60, 3), (30, 20, 5), (7, 14, 7), (64, 24, 1)]
+# (in, out, g): Phi-3's o_proj / down_proj at 1/8 width, oc not a multiple of the 8-output (AVX-512)
+# or 6-output (AVX2) tile, in not a multiple of the 16 / 8-channel tile, one channel per group, g = 1
+FUSED_SHAPES = [(384, 384, 12), (1024, 384, 32), (36, 60, 3), (30, 20, 5), (7, 14, 7), (64, 24, 1), (48, 48, 4)]
 
 
-@needs_avx512
+@needs_block_kernels
 @pytest.mark.parametrize("n_in, n_out, g", FUSED_SHAPES)
-@pytest.mark.parametrize("kernel, n", [("io_forward", n) for n in (1, 47, 48, 49, 130)]  # around its 48-token block
-                         + [("io_small", n) for n in (1, 3, 8)])
+@pytest.mark.parametrize("kernel, n", [("io_forward", n) for n in (1, 15, 16, 17, 47, 48, 49, 130)]  # around
+                         + [("io_small", n) for n in (1, 3, 8)])  # the 16-token tile and the 48-token block
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("bias", [False, True])
-def test_block_kernels_are_the_block(n_in, n_out, g, kernel, n, threads, bias):
+def test_block_kernels_are_the_block(block_isa, n_in, n_out, g, kernel, n, threads, bias):
     """The fused forward and the small-N forward compute the block's dense map (fp32 rounding)."""
     torch.manual_seed(n)
     block = GroupedPointwiseBlock(n_in, n_out, g, bias=bias)
@@ -185,8 +205,8 @@ def test_block_kernels_are_the_block(n_in, n_out, g, kernel, n, threads, bias):
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
 
 
-@needs_avx512
-def test_fused_forward_runs_in_the_block_and_in_training(monkeypatch, one_thread):
+@needs_block_kernels
+def test_fused_forward_runs_in_the_block_and_in_training(monkeypatch, one_thread, block_isa):
     """Inference and the training forward take the fused kernel (many tokens, float32); the output
     matches the two-GEMM path and gradients still come from the hand-written backward."""
     calls = []
@@ -206,7 +226,7 @@ def test_fused_forward_runs_in_the_block_and_in_training(monkeypatch, one_thread
     with torch.inference_mode():
         y_inf = block(x.detach())
     assert len(calls) == 2
-    monkeypatch.setattr(layers, "FUSED_MAX_OUT_PER_GROUP", 31)  # 32 outputs per group: too wide now
+    monkeypatch.setattr(layers, "FUSED_MAX_OUT_PER_GROUP", {"avx512": 31, "avx2": 31})  # 32 outputs per group: too wide now
     with torch.inference_mode():
         torch.testing.assert_close(block(x.detach()), y_inf, rtol=1e-5, atol=1e-5)
     assert len(calls) == 2
@@ -231,9 +251,9 @@ def test_fused_forward_refuses_bad_shapes():
         layers._native.io_forward(x.data_ptr(), x.data_ptr(), 0, x.data_ptr(), 1, 6, 4, 4)
 
 
-@needs_avx512
+@needs_block_kernels
 @pytest.mark.parametrize("permuted", [False, True])
-def test_inference_routes_by_token_count(monkeypatch, one_thread, permuted):
+def test_inference_routes_by_token_count(monkeypatch, one_thread, permuted, block_isa):
     """Inference: a few tokens -> io_small, 32+ tokens of narrow groups -> io_forward, in between
     and with gradients -> torch's paths; every route gives the block's output."""
     calls = []
@@ -270,7 +290,7 @@ def test_inference_routes_by_token_count(monkeypatch, one_thread, permuted):
 @needs_native
 @pytest.mark.parametrize("family", ["phi3", "qwen2", "opt"])  # fused qkv/gate_up, biases on q/k/v, biases everywhere
 @pytest.mark.parametrize("threads", [1, 2])
-def test_whole_model_logits_with_and_without_kernels(family, threads):
+def test_whole_model_logits_with_and_without_kernels(isa, family, threads):
     """End to end: a shrunk tiny model's prefill (64 tokens x 3 sequences: the fused forward) and
     its KV-cache decode (1 token: io_small) give the same logits with the kernels on and off."""
     from gpconv import GPConvConfig, shrink
