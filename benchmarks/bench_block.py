@@ -233,6 +233,8 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=7, help="interleaved samples per side (median kept)")
     ap.add_argument("--min-channels-per-group", type=int, default=256)
     ap.add_argument("--layers", nargs="+", default=None, help="subset of: " + " ".join(n for n, _, _ in PHI3_SHAPES))
+    ap.add_argument("--shapes", nargs="+", default=None, metavar="NAME=IN:OUT",
+                    help="other shapes instead of Phi-3's, e.g. down=1536:576 (SmolLM2's down_proj)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--legacy", action="store_true", help="also time the previous code (gather + bmm + transpose; today's small-N path)")
     ap.add_argument("--floor", action="store_true",
@@ -253,7 +255,16 @@ def main(argv=None) -> int:
     dtype = getattr(torch, args.dtype)
     if args.threads:
         torch.set_num_threads(args.threads)
-    shapes = [s for s in PHI3_SHAPES if args.layers is None or s[0] in args.layers]
+    if args.shapes:
+        try:
+            shapes = [(name, int(i), int(o)) for name, io in (t.split("=") for t in args.shapes)
+                      for i, o in [io.split(":")]]
+        except ValueError:
+            print(f"bench_block: --shapes takes NAME=IN:OUT, e.g. down=1536:576; got {' '.join(args.shapes)}",
+                  file=sys.stderr)
+            return 2
+    else:
+        shapes = [s for s in PHI3_SHAPES if args.layers is None or s[0] in args.layers]
     torch.manual_seed(0)
     info = machine(args.device)
     load_before = loadavg()

@@ -440,8 +440,8 @@ weights once per 48 tokens, so it loses to MKL's blocking on wide groups. Measur
 (docs/speed.md): AVX-512 (Xeon, 1024 tokens) wins on down_proj (96 outputs per group: 29.3
 against 33.6 ms) and on SmolLM2's narrow groups (up to 2.2x), 6-10% slower on o_proj / qkv_proj
 (256 / 768) and 22% slower on gate_up_proj (2048); AVX2 (Zen 3 EPYC) wins on groups of 24-64
-outputs (0.62-0.93 x the two GEMMs' time at 128-1024 tokens), is level to 6% slower at 96
-(Phi-3's down_proj) and 3-11% slower at 192."""
+outputs (0.52-0.95x the two GEMMs' time at 128-1024 tokens), is level to 6% slower at 96
+(Phi-3's down_proj) and 0.94-1.11x at 192."""
 
 # The backward gives both dW GEMMs contiguous operands for groups of up to this many outputs.
 # Measured on the Xeon at 1024 tokens: through strided views MKL took ~20 ms for each of
@@ -689,8 +689,8 @@ NATIVE_SMALL_MAX_TOKENS = 8
 ``gpconv._native.io_small`` call; from :data:`FUSED_MIN_TOKENS` on (groups of at most
 :data:`FUSED_MAX_OUT_PER_GROUP` outputs) one ``io_forward`` call. Measured one thread, medians
 (docs/speed.md): AVX-512, 1 token, SmolLM2 -m 64 shapes 3.3-10.7 us against 18.6-35.5 us for
-gather + bmm, Phi-3's 1.1-1.3x faster; AVX2, tiny-phi3 / SmolLM2 -m 64 shapes, 0.87-0.97 x the
-time of gather + bmm at 1 token and 0.72-0.83 x at 4. Between the two limits gather + bmm was as
+gather + bmm, Phi-3's 1.1-1.3x faster; AVX2, tiny-phi3 / SmolLM2 -m 64 shapes, 0.65-0.80x the
+time of gather + bmm at 1 token and 0.57-0.71x at 4 (Phi-3's, 0.61-0.79x at 1). Between the two limits gather + bmm was as
 fast or faster."""
 
 FUSED_MIN_TOKENS = 32

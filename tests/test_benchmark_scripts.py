@@ -106,3 +106,20 @@ def test_bench_block_times_every_side(tmp_path):
         assert r["time_over_param"] == pytest.approx(r["grouped_ms"] / r["dense_ms"] / r["param_ratio"])
         assert r["torch-copy_ms"] > 0 and r["floor_ms"] > 0
     assert rep["machine"]["native"] == gpconv.layers.native_status()
+
+
+def test_bench_block_takes_other_shapes(tmp_path, capsys):
+    """--shapes NAME=IN:OUT times any layer shape (groups from --min-channels-per-group); a
+    malformed one is one clear line and exit code 2."""
+    import json
+
+    bench = _script("bench_block")
+    out = tmp_path / "block.json"
+    assert bench.main(["--shapes", "down=96:36", "q=48:48", "--min-channels-per-group", "8", "--tokens", "40",
+                       "--reps", "1", "--threads", "1", "--fused", "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["layer"], r["in_features"], r["out_features"], r["groups"]) for r in rows] == [
+        ("down", 96, 36, 12), ("down", 96, 36, 12), ("q", 48, 48, 6), ("q", 48, 48, 6)]
+    assert all(r["fused_ms"] > 0 for r in rows)
+    assert bench.main(["--shapes", "down=96x36"]) == 2
+    assert "--shapes takes NAME=IN:OUT" in capsys.readouterr().err
