@@ -372,7 +372,7 @@ CONV_MIN_TOKENS = 128
 #   in 16 x 16 (AVX-512) or 8 x 8 (AVX2) register tiles, near plain-copy speed. Also used as a
 #   plain 2-D transpose.
 # * io_forward (AVX-512 or AVX2 + FMA): the whole block fused, for groups of <=
-#   FUSED_MAX_OUT_PER_GROUP[isa] outputs.
+#   FUSED_MAX_OUT_PER_GROUP outputs.
 # * io_small (AVX-512 or AVX2 + FMA): inference of <= NATIVE_SMALL_MAX_TOKENS tokens (decode).
 # Which of them a CPU runs is chosen when the extension loads (_native.isa(): the best it has).
 # Every one has a torch path below that gives the same result (tests/test_native.py).
@@ -433,15 +433,15 @@ FUSED_FORWARD = True
 interleave + GEMM, instead of an interleaved copy and two MKL GEMMs (docs/speed.md). Only
 consulted when :data:`NATIVE` is on."""
 
-FUSED_MAX_OUT_PER_GROUP = {"avx512": 192, "avx2": 64}
-"""The fused forward only for groups of at most this many outputs, per kernel version
-(``_native.isa()``). It re-reads a 48-token slice of x once per output tile and streams all
-weights once per 48 tokens, so it loses to MKL's blocking on wide groups. Measured at one thread
-(docs/speed.md): AVX-512 (Xeon, 1024 tokens) wins on down_proj (96 outputs per group: 29.3
-against 33.6 ms) and on SmolLM2's narrow groups (up to 2.2x), 6-10% slower on o_proj / qkv_proj
-(256 / 768) and 22% slower on gate_up_proj (2048); AVX2 (Zen 3 EPYC) wins on groups of 24-64
-outputs (0.52-0.95x the two GEMMs' time at 128-1024 tokens), is level to 6% slower at 96
-(Phi-3's down_proj) and 0.94-1.11x at 192."""
+FUSED_MAX_OUT_PER_GROUP = 192
+"""The fused forward only for groups of at most this many outputs. It re-reads a 48-token slice
+of x once per output tile and streams all weights once per 48 tokens, so it loses to MKL's
+blocking on wide groups. Measured at one thread (docs/speed.md): AVX-512 (Xeon, 1024 tokens)
+wins on down_proj (96 outputs per group: 29.3 against 33.6 ms) and on SmolLM2's narrow groups
+(up to 2.2x), and is 6-10% slower on o_proj / qkv_proj (256 / 768) and 22% slower on
+gate_up_proj (2048). AVX2 (Zen 3 EPYC): 0.47-0.91x the two GEMMs' time on SmolLM2's and
+tiny-phi3's groups of 24-192 outputs at 128-1024 tokens, level at 512; on Phi-3's down_proj (96,
+but 8192 inputs, whose 48-token block outgrows the 512 KiB L2) 2-6% slower."""
 
 # The backward gives both dW GEMMs contiguous operands for groups of up to this many outputs.
 # Measured on the Xeon at 1024 tokens: through strided views MKL took ~20 ms for each of
@@ -451,17 +451,13 @@ outputs (0.52-0.95x the two GEMMs' time at 128-1024 tokens), is level to 6% slow
 _DW_CONTIGUOUS_MAX_OUT = 192
 
 
-def _max_fused_out() -> int:
-    return FUSED_MAX_OUT_PER_GROUP.get(_native.isa(), 0) if _native is not None else 0
-
-
 def _kernels_ok(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
     """May the block kernels (io_forward, io_small; AVX-512 or AVX2) run on these tensors?"""
     return FUSED_FORWARD and _native_ok(x, weight, *(() if bias is None else (bias,))) and _native.isa() != "portable"
 
 
 def _fused_ok(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
-    return _kernels_ok(x, weight, bias) and weight.shape[1] <= _max_fused_out()
+    return weight.shape[1] <= FUSED_MAX_OUT_PER_GROUP and _kernels_ok(x, weight, bias)
 
 
 def _io_native(x: torch.Tensor, weight: torch.Tensor, bias, small: bool = False) -> torch.Tensor:
@@ -701,7 +697,7 @@ def _native_inference(x, weight, bias, perm):
     measured-faster choice or not possible here."""
     n = x.shape[0]
     small = n <= NATIVE_SMALL_MAX_TOKENS
-    if not (small or (n >= FUSED_MIN_TOKENS and weight.shape[1] <= _max_fused_out())):
+    if not (small or (n >= FUSED_MIN_TOKENS and weight.shape[1] <= FUSED_MAX_OUT_PER_GROUP)):
         return None
     if not (FUSED_FORWARD and x.dtype == torch.float32 and n > 0 and _eager_cpu(x)) or _needs_grad(x, weight, bias):
         return None  # (checked before the permutation below costs a copy)

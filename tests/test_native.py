@@ -226,7 +226,7 @@ def test_fused_forward_runs_in_the_block_and_in_training(monkeypatch, one_thread
     with torch.inference_mode():
         y_inf = block(x.detach())
     assert len(calls) == 2
-    monkeypatch.setattr(layers, "FUSED_MAX_OUT_PER_GROUP", {"avx512": 31, "avx2": 31})  # 32 outputs per group: too wide now
+    monkeypatch.setattr(layers, "FUSED_MAX_OUT_PER_GROUP", 31)  # 32 outputs per group: too wide now
     with torch.inference_mode():
         torch.testing.assert_close(block(x.detach()), y_inf, rtol=1e-5, atol=1e-5)
     assert len(calls) == 2
