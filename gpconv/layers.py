@@ -439,9 +439,9 @@ of x once per output tile and streams all weights once per 48 tokens, so it lose
 blocking on wide groups. Measured at one thread (docs/speed.md): AVX-512 (Xeon, 1024 tokens)
 wins on down_proj (96 outputs per group: 29.3 against 33.6 ms) and on SmolLM2's narrow groups
 (up to 2.2x), and is 6-10% slower on o_proj / qkv_proj (256 / 768) and 22% slower on
-gate_up_proj (2048). AVX2 (Zen 3 EPYC): 0.47-0.91x the two GEMMs' time on SmolLM2's and
-tiny-phi3's groups of 24-192 outputs at 128-1024 tokens, level at 512; on Phi-3's down_proj (96,
-but 8192 inputs, whose 48-token block outgrows the 512 KiB L2) 2-6% slower."""
+gate_up_proj (2048). AVX2 (Zen 3 EPYC): 0.46-0.97x the two GEMMs' time on SmolLM2's and
+tiny-phi3's groups of 24-192 outputs at 128-1024 tokens, 0.91-0.98x at 512; on Phi-3's down_proj
+(96, but 8192 inputs, whose 48-token block outgrows the 512 KiB L2) 2-6% slower."""
 
 # The backward gives both dW GEMMs contiguous operands for groups of up to this many outputs.
 # Measured on the Xeon at 1024 tokens: through strided views MKL took ~20 ms for each of
@@ -686,7 +686,7 @@ NATIVE_SMALL_MAX_TOKENS = 8
 :data:`FUSED_MAX_OUT_PER_GROUP` outputs) one ``io_forward`` call. Measured one thread, medians
 (docs/speed.md): AVX-512, 1 token, SmolLM2 -m 64 shapes 3.3-10.7 us against 18.6-35.5 us for
 gather + bmm, Phi-3's 1.1-1.3x faster; AVX2, tiny-phi3 / SmolLM2 -m 64 shapes, 0.65-0.80x the
-time of gather + bmm at 1 token and 0.57-0.71x at 4 (Phi-3's, 0.61-0.79x at 1). Between the two limits gather + bmm was as
+time of gather + bmm at 1 token and 0.52-0.75x at 4. Between the two limits gather + bmm was as
 fast or faster."""
 
 FUSED_MIN_TOKENS = 32
