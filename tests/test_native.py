@@ -205,6 +205,46 @@ def test_block_kernels_are_the_block(block_isa, n_in, n_out, g, kernel, n, threa
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+GUARD = 64  # floats of sentinel before and after each output
+
+
+def _guarded(numel):
+    """A buffer of numel floats with GUARD sentinels on both sides: (whole buffer, the inner view)."""
+    buf = torch.full((numel + 2 * GUARD,), 12345.0)
+    return buf, buf[GUARD:GUARD + numel]
+
+
+def _guards_intact(buf):
+    return bool((buf[:GUARD] == 12345.0).all() and (buf[-GUARD:] == 12345.0).all())
+
+
+@needs_native
+@pytest.mark.parametrize("n_in, n_out, g", FUSED_SHAPES)
+@pytest.mark.parametrize("n", [1, 5, 17, 49])
+def test_kernels_write_only_their_output(isa, n_in, n_out, g, n):
+    """Every kernel, at every tail (tokens, channels, outputs not a multiple of its tile), writes
+    inside its output and nowhere around it (the masked and partial stores at the edges)."""
+    c = n_in // g
+    x = torch.randn(n, n_in)
+    buf, out = _guarded(n * n_in)
+    layers._native.interleave(x.data_ptr(), out.data_ptr(), n, c, g, 2)
+    assert _guards_intact(buf) and torch.equal(out.view(n, g, c), x.view(n, c, g).transpose(1, 2))
+    d_mixed = torch.randn(g, n, c)
+    buf, dx = _guarded(n * n_in)
+    dx.zero_()
+    layers._native.uninterleave_add(d_mixed.data_ptr(), dx.data_ptr(), n, c, g, 2)
+    assert _guards_intact(buf) and torch.equal(dx.view(n, c, g), d_mixed.permute(1, 2, 0))
+    if layers._native.isa() == "portable":
+        return
+    w = torch.randn(g, n_out // g, 2 * c)
+    b = torch.randn(n_out)
+    for kernel in ("io_forward", "io_small"):
+        buf, y = _guarded(n * n_out)
+        getattr(layers._native, kernel)(x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), n, n_in, n_out, g, 2)
+        assert _guards_intact(buf), kernel
+        assert torch.isfinite(y).all() and not (y == 12345.0).any(), kernel
+
+
 @needs_block_kernels
 def test_fused_forward_runs_in_the_block_and_in_training(monkeypatch, one_thread, block_isa):
     """Inference and the training forward take the fused kernel (many tokens, float32); the output
