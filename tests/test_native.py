@@ -15,9 +15,10 @@ import torch
 from gpconv import GroupedPointwiseBlock
 from gpconv import layers
 
-# (c, g): Phi-3's o_proj / down_proj groups, g below, at and above one 16-wide tile, c not a
-# multiple of 16, a single channel per group
-SHAPES = [(256, 12), (256, 32), (16, 16), (33, 17), (7, 5), (3, 40), (1, 3), (20, 1)]
+# (c, g): Phi-3's o_proj / down_proj groups, g below, at and above one 16-wide (AVX-512) or
+# 8-wide (AVX2) tile, partial tiles of every width 1-7, c not a multiple of 16, a single
+# channel per group
+SHAPES = [(256, 12), (256, 32), (16, 16), (33, 17), (7, 5), (3, 40), (1, 3), (20, 1), (9, 14), (16, 7), (24, 10)]
 TOKENS = [1, 5, 130]
 
 
