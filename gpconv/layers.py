@@ -261,7 +261,7 @@ class GroupedPointwiseBlock(nn.Module):
         Cached per device and never saved (it follows from the shape, plus ``input_perm``).
         """
         perm = self.input_perm
-        key = (str(device), None if perm is None else perm.data_ptr(), None if perm is None else perm._version)
+        key = (device, None if perm is None else perm.data_ptr(), None if perm is None else perm._version)
         idx = self._gather_cache.get(key)
         if idx is None:
             g, c = self.groups, self.in_features // self.groups
@@ -281,10 +281,11 @@ class GroupedPointwiseBlock(nn.Module):
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)  # (..., in) -> (N, in)
         if self.variant == "io":
-            # the gather index is a cached Python-side tensor; the conv path and torch.compile
-            # do not need it (they read input_perm, a buffer, directly)
-            idx = None if _use_conv(x2) and not _use_grouped_mm(x2, self.weight) else self.gather_index(x2.device)
-            y = io_forward(x2, self.weight, self.bias, self.groups, idx, self.input_perm)
+            # the gather index (a cached Python-side tensor) is passed as a function: only the
+            # gather paths build it; the C kernels, the many-token paths and torch.compile read
+            # input_perm (a buffer) directly. A 1-token decode call is ~30 us of Python around a
+            # ~5 us kernel (SmolLM2 -m 64), so what it skips counts.
+            y = io_forward(x2, self.weight, self.bias, self.groups, lambda: self.gather_index(x2.device), self.input_perm)
         else:
             h = self.g1(x2)
             y = h + self.g2(interleave(h, self.groups))
@@ -711,9 +712,10 @@ def _native_inference(x, weight, bias, perm):
 
 def io_forward(x, weight, bias, groups: int, gather_index=None, perm=None) -> torch.Tensor:
     """``y`` (N, out) of an io block on ``x`` (N, in). ``perm``: the block reads ``x[:, perm]``;
-    ``gather_index`` (g, 2c) must then include it (it is only needed off the conv path)."""
+    ``gather_index`` (g, 2c) must then include it. It is only read off the conv path, and may be
+    given as a function returning it, called only where it is read."""
     if _use_grouped_mm(x, weight):
-        return _io_grouped_mm(x, weight, bias, gather_index)
+        return _io_grouped_mm(x, weight, bias, gather_index() if callable(gather_index) else gather_index)
     if NATIVE and _native is not None:
         y = _native_inference(x, weight, bias, perm)
         if y is not None:
@@ -722,7 +724,7 @@ def io_forward(x, weight, bias, groups: int, gather_index=None, perm=None) -> to
         if perm is not None:
             x = x.index_select(1, perm)
         return _io_many(x.contiguous(), weight, bias, groups)
-    return _io_gather(x, weight, bias, gather_index)
+    return _io_gather(x, weight, bias, gather_index() if callable(gather_index) else gather_index)
 
 
 def grouped_forward(x, weight, bias, groups: int) -> torch.Tensor:

@@ -123,3 +123,21 @@ def test_bench_block_takes_other_shapes(tmp_path, capsys):
     assert all(r["fused_ms"] > 0 for r in rows)
     assert bench.main(["--shapes", "down=96x36"]) == 2
     assert "--shapes takes NAME=IN:OUT" in capsys.readouterr().err
+
+
+def test_profile_decode_splits_a_step(capsys):
+    """profile_decode.py times every gpconv layer and the output head inside real decode steps;
+    the parts add up to the wall time, and a missing model is one line and exit code 2."""
+    from tiny_models import FAMILIES, MCPG
+
+    prof = _script("profile_decode")
+    build, _, _ = FAMILIES["phi3"]
+    model = build()
+    report = shrink(model, GPConvConfig(min_channels_per_group=MCPG, init="project"))
+    res = prof.profile(model, prompt_len=6, steps=3, warmup=1)
+    assert res["gpconv_layers"] == len(report.replaced) > 0
+    assert res["gpconv_layers_ms"] > 0 and res["head_ms"] > 0 and res["rest_ms"] > 0
+    assert res["gpconv_layers_ms"] + res["head_ms"] + res["rest_ms"] == pytest.approx(res["wall_ms"])
+    assert res["gpconv_layers_ms"] + res["head_ms"] < res["wall_ms"]
+    assert prof.main(["/nonexistent/model"]) == 2
+    assert "profile_decode: no such file or directory" in capsys.readouterr().err

@@ -364,3 +364,19 @@ def test_whole_model_logits_with_and_without_kernels(isa, family, threads):
     torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out[True][1], out[True][0][:, 60:].transpose(0, 1), rtol=1e-4, atol=1e-4)
+
+
+@needs_block_kernels
+def test_decode_path_does_not_build_the_gather_index(one_thread, block_isa):
+    """The gather index is built only by the paths that read it: a 1-token call through the C
+    kernel leaves the block's cache empty, a 20-token call (gather + bmm) fills it."""
+    block = GroupedPointwiseBlock(96, 160, 8, bias=True)
+    dense = block.to_dense().detach()
+    block._gather_cache.clear()
+    with torch.no_grad():
+        x = torch.randn(1, 96)
+        torch.testing.assert_close(block(x), x @ dense.t() + block.bias, rtol=1e-5, atol=1e-5)
+        assert not block._gather_cache
+        x = torch.randn(20, 96)
+        torch.testing.assert_close(block(x), x @ dense.t() + block.bias, rtol=1e-5, atol=1e-5)
+    assert len(block._gather_cache) == 1
