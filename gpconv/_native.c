@@ -6,7 +6,8 @@
  *   uninterleave_add(src, dst, n, c, g)    dst (n, c, g) += src (g, n, c)    the backward's scatter, as an add
  *
  *   io_forward(x, w, bias, y, n, in, out, g)  y (n, out) = the whole io block, G1(x) + G2(interleave(x)) + bias
- *   io_small(...)                             the same for a few tokens (decode)
+ *   io_small(...)                             the same for a few tokens (decode), optionally with a hybrid
+ *                                             block's low-rank term (x A^T) B^T
  *
  * The first two are the interleave of the kphi-3 block: channel i*g + k of a token is channel k*c + i of its
  * interleaved copy. torch does them as a strided elementwise copy, one scalar load per element at
@@ -53,6 +54,8 @@ typedef struct {
     const float *w, *bias; /* io_forward only */
     int64_t out;
     int failed;
+    const float *lr_b, *lr_u; /* io_small of a hybrid block: y += u B^T, u = x A^T (n, r) computed before the split */
+    int64_t r;
 } job_t;
 
 /* Which x86 kernels run: chosen once at import from what the CPU has (__builtin_cpu_supports), no
@@ -493,6 +496,67 @@ __attribute__((target("avx2,fma"))) static void io_forward_avx2(const float *x, 
     }
 }
 
+/* The low-rank term of a hybrid block at decode, y += (x A^T) B^T with A (r, in), B (out, r): two
+   thin GEMVs that torch runs as two calls of ~10 us each around ~2 us of arithmetic (SmolLM2 at
+   -m 64, rank 28). AVX2 code, used on AVX-512 CPUs too (they all have AVX2 + FMA). */
+__attribute__((target("avx2,fma"))) static float dot_avx2(const float *a, const float *b, int64_t len) {
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0;
+    int64_t j = 0;
+    for (; j + 16 <= len; j += 16) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s0);
+        s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j + 8), _mm256_loadu_ps(b + j + 8), s1);
+    }
+    if (j + 8 <= len) {
+        s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), s0);
+        j += 8;
+    }
+    float s = hsum8(_mm256_add_ps(s0, s1));
+    for (; j < len; j++) s += a[j] * b[j];
+    return s;
+}
+
+/* u (n, r) = x (n, in) A^T */
+__attribute__((target("avx2,fma"))) static void lowrank_u_avx2(const float *x, const float *a, float *u, int64_t n,
+                                                               int64_t in, int64_t r) {
+    for (int64_t t = 0; t < n; t++)
+        for (int64_t q = 0; q < r; q++) u[t * r + q] = dot_avx2(x + t * in, a + q * in, in);
+}
+
+/* y[t, o0:o1] += B[o0:o1] u[t]; eight rows of B at a time, their sums gathered by hadds as in
+   io_small_avx2 (one dot product and horizontal sum per output took 6 us of a 13.6 us SmolLM2
+   q_proj call) */
+__attribute__((target("avx2,fma"))) static void lowrank_add_avx2(float *y, const float *b, const float *u, int64_t n,
+                                                                 int64_t out, int64_t o0, int64_t o1, int64_t r) {
+    const int64_t full = r / 8 * 8;
+    const int rem = (int)(r - full);
+    const __m256i tail = lanes8(rem);
+    for (int64_t t = 0; t < n; t++) {
+        const float *ut = u + t * r;
+        int64_t o = o0;
+        for (; o + 8 <= o1; o += 8) {
+            const float *br = b + o * r;
+            __m256 a[8];
+            for (int q = 0; q < 8; q++) a[q] = _mm256_setzero_ps();
+            int64_t j = 0;
+            for (; j < full; j += 8) {
+                const __m256 uv = _mm256_loadu_ps(ut + j);
+                for (int q = 0; q < 8; q++) a[q] = _mm256_fmadd_ps(_mm256_loadu_ps(br + q * r + j), uv, a[q]);
+            }
+            if (rem) {
+                const __m256 uv = _mm256_maskload_ps(ut + j, tail);
+                for (int q = 0; q < 8; q++) a[q] = _mm256_fmadd_ps(_mm256_maskload_ps(br + q * r + j, tail), uv, a[q]);
+            }
+            const __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
+            const __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
+            const __m256 q0 = _mm256_hadd_ps(s01, s23), q1 = _mm256_hadd_ps(s45, s67);
+            const __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31));
+            float *yt = y + t * out + o;
+            _mm256_storeu_ps(yt, _mm256_add_ps(_mm256_loadu_ps(yt), sum));
+        }
+        for (; o < o1; o++) y[t * out + o] += dot_avx2(b + o * r, ut, r); /* the rows past a multiple of 8 */
+    }
+}
+
 /* io_small in 8-wide registers: see io_small_avx512. Eight weight rows at a time: eight independent
    FMA chains keep both of an AVX2 core's FMA units busy (four measured slower than gather + bmm on
    wide groups). */
@@ -564,6 +628,10 @@ static void io_small_job(job_t *j) {
         io_small_avx512(j->src, j->w, j->bias, j->dst, j->n, j->c * j->g, j->out, j->g, j->n0, j->n1, z);
     else
         io_small_avx2(j->src, j->w, j->bias, j->dst, j->n, j->c * j->g, j->out, j->g, j->n0, j->n1, z);
+    if (j->r > 0) { /* this worker's groups' outputs get the low-rank term too */
+        const int64_t oc = j->out / j->g;
+        lowrank_add_avx2(j->dst, j->lr_b, j->lr_u, j->n, j->out, j->n0 * oc, j->n1 * oc, j->r);
+    }
     free(z);
 #else
     j->failed = 1;
@@ -682,7 +750,7 @@ static PyObject *call(PyObject *args, int kind) {
         return NULL;
     }
     job_t proto = {(const float *)(uintptr_t)src, (float *)(uintptr_t)dst, 0, 0, n, c, g, kind, kind == 0 && grouped,
-                   NULL, NULL, 0, 0};
+                   NULL, NULL, 0, 0, NULL, NULL, 0};
     Py_BEGIN_ALLOW_THREADS
     run_split(proto, threads);
     Py_END_ALLOW_THREADS
@@ -692,24 +760,34 @@ static PyObject *call(PyObject *args, int kind) {
 static PyObject *py_interleave(PyObject *self, PyObject *args) { return call(args, 0); }
 
 static PyObject *io_call(PyObject *args, int kind) {
-    unsigned long long x, w, bias, y;
-    long long n, in, out, g;
+    unsigned long long x, w, bias, y, xl = 0, la = 0, lb = 0;
+    long long n, in, out, g, r = 0;
     int threads = 1;
-    if (!PyArg_ParseTuple(args, "KKKKLLLL|i", &x, &w, &bias, &y, &n, &in, &out, &g, &threads)) return NULL;
+    if (!PyArg_ParseTuple(args, "KKKKLLLL|iKKKL", &x, &w, &bias, &y, &n, &in, &out, &g, &threads, &xl, &la, &lb, &r))
+        return NULL;
     if (n < 0 || g < 1 || in < g || out < g || in % g || out % g) {
         PyErr_SetString(PyExc_ValueError, "gpconv._native.io_forward: need n >= 0 and g dividing in and out");
+        return NULL;
+    }
+    if (r < 0 || (r > 0 && (kind != 3 || xl == 0 || la == 0 || lb == 0))) {
+        PyErr_SetString(PyExc_ValueError, "gpconv._native: a low-rank term (r > 0) needs io_small and x, A, B pointers");
         return NULL;
     }
     if (isa_level < ISA_AVX2) {
         PyErr_SetString(PyExc_RuntimeError, "gpconv._native.io_forward needs AVX2 + FMA or AVX-512");
         return NULL;
     }
+    float *u = NULL;
+    if (r > 0 && (u = malloc(sizeof(float) * (size_t)(n * r + 1))) == NULL) return PyErr_NoMemory();
     job_t proto = {(const float *)(uintptr_t)x, (float *)(uintptr_t)y, 0, 0, n, in / g, g, kind, 0,
-                   (const float *)(uintptr_t)w, (const float *)(uintptr_t)bias, out, 0};
+                   (const float *)(uintptr_t)w, (const float *)(uintptr_t)bias, out, 0,
+                   (const float *)(uintptr_t)lb, u, r};
     int rc;
     Py_BEGIN_ALLOW_THREADS
+    if (r > 0) lowrank_u_avx2((const float *)(uintptr_t)xl, (const float *)(uintptr_t)la, u, n, in, r);
     rc = run_split(proto, threads);
     Py_END_ALLOW_THREADS
+    free(u);
     if (rc) return PyErr_NoMemory();
     Py_RETURN_NONE;
 }
@@ -749,8 +827,10 @@ static PyMethodDef methods[] = {
      "io_forward(x_ptr, w_ptr, bias_ptr_or_0, y_ptr, n, in, out, g, threads=1): float32 y (n, out) = the io block "
      "on x (n, in) with weight (g, out/g, 2*in/g); needs AVX2 + FMA or AVX-512."},
     {"io_small", py_io_small, METH_VARARGS,
-     "io_small(x_ptr, w_ptr, bias_ptr_or_0, y_ptr, n, in, out, g, threads=1): the same as io_forward, "
-     "for a few tokens (one dot product per output; threads split the groups); needs AVX2 + FMA or AVX-512."},
+     "io_small(x_ptr, w_ptr, bias_ptr_or_0, y_ptr, n, in, out, g, threads=1, xl_ptr=0, a_ptr=0, b_ptr=0, r=0): the "
+     "same as io_forward, for a few tokens (one dot product per output; threads split the groups); with r > 0 also "
+     "a hybrid block's low-rank term y += (xl A^T) B^T, A (r, in), B (out, r), xl the unpermuted x; needs AVX2 + FMA "
+     "or AVX-512."},
     {"isa", py_isa, METH_NOARGS, "isa() -> 'avx512' | 'avx2' | 'portable': which kernels run (the best this CPU has)."},
     {"set_isa", py_set_isa, METH_VARARGS,
      "set_isa(name) -> str: run the kernels of 'avx512', 'avx2' or 'portable' (at most what the CPU has); "

@@ -285,15 +285,14 @@ class GroupedPointwiseBlock(nn.Module):
             # gather paths build it; the C kernels, the many-token paths and torch.compile read
             # input_perm (a buffer) directly. A 1-token decode call is ~30 us of Python around a
             # ~5 us kernel (SmolLM2 -m 64), so what it skips counts.
-            y = io_forward(x2, self.weight, self.bias, self.groups, lambda: self.gather_index(x2.device), self.input_perm)
+            lowrank = (self.lowrank_a, self.lowrank_b) if self.rank else None  # the hybrid's term
+            y = io_forward(x2, self.weight, self.bias, self.groups, lambda: self.gather_index(x2.device),
+                           self.input_perm, lowrank)
         else:
             h = self.g1(x2)
             y = h + self.g2(interleave(h, self.groups))
             if self.bias is not None:
                 y = y + self.bias
-        if self.rank:
-            # (N, in) -> (N, r) -> (N, out), accumulated onto y by one addmm
-            y = torch.addmm(y, x2 @ self.lowrank_a.t(), self.lowrank_b.t())
         return y.view(*lead, self.out_features)
 
     # -- dense equivalent --------------------------------------------------------------------
@@ -411,13 +410,13 @@ def native_status() -> str:
 
 
 def _native_ok(*ts: torch.Tensor) -> bool:
-    return (
-        NATIVE
-        and _native is not None
-        and (torch.get_num_threads() == 1 or _native.openmp)  # see the note after NATIVE
-        and not torch.compiler.is_compiling()
-        and all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in ts)
-    )
+    if not (NATIVE and _native is not None and (torch.get_num_threads() == 1 or _native.openmp)  # see the note after NATIVE
+            and not torch.compiler.is_compiling()):
+        return False
+    for t in ts:  # (a loop, not all(<generator>): this runs on every decode call of every block)
+        if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
+            return False
+    return True
 
 
 def _interleave_into(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -452,24 +451,31 @@ tiny-phi3's groups of 24-192 outputs at 128-1024 tokens, 0.91-0.98x at 512; on P
 _DW_CONTIGUOUS_MAX_OUT = 192
 
 
-def _kernels_ok(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
+def _kernels_ok(x: torch.Tensor, weight: torch.Tensor, bias, *more: torch.Tensor) -> bool:
     """May the block kernels (io_forward, io_small; AVX-512 or AVX2) run on these tensors?"""
-    return FUSED_FORWARD and _native_ok(x, weight, *(() if bias is None else (bias,))) and _native.isa() != "portable"
+    return (FUSED_FORWARD and _native_ok(x, weight, *(() if bias is None else (bias,)), *more)
+            and _native.isa() != "portable")
 
 
 def _fused_ok(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
     return weight.shape[1] <= FUSED_MAX_OUT_PER_GROUP and _kernels_ok(x, weight, bias)
 
 
-def _io_native(x: torch.Tensor, weight: torch.Tensor, bias, small: bool = False) -> torch.Tensor:
+def _io_native(x: torch.Tensor, weight: torch.Tensor, bias, small: bool = False, lowrank=None) -> torch.Tensor:
     """y (N, out) of the io block by one C call: io_forward (fused), or io_small (a few tokens);
-    x (N, in) contiguous float32."""
+    x (N, in) contiguous float32. ``lowrank`` (io_small only): (x unpermuted, A, B), all
+    contiguous float32: the kernel adds the hybrid's low-rank term too."""
     n, i = x.shape
     g, oc, _ = weight.shape
     y = x.new_empty(n, g * oc)
     kernel = _native.io_small if small else _native.io_forward
+    if lowrank is None:
+        lr = ()
+    else:
+        x0, a, b = lowrank
+        lr = (x0.data_ptr(), a.data_ptr(), b.data_ptr(), a.shape[0])
     kernel(x.data_ptr(), weight.data_ptr(), 0 if bias is None else bias.data_ptr(), y.data_ptr(),
-           n, i, g * oc, g, _threads())
+           n, i, g * oc, g, _threads(), *lr)
     return y
 
 
@@ -534,9 +540,10 @@ def _eager_cpu(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
 
 
-def _needs_grad(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
+def _needs_grad(x: torch.Tensor, weight: torch.Tensor, bias, *more: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and (
         x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+        or any(t.requires_grad for t in more)
     )
 
 
@@ -693,38 +700,50 @@ fast or faster."""
 FUSED_MIN_TOKENS = 32
 
 
-def _native_inference(x, weight, bias, perm):
-    """The io block through one native call (inference only), or None where that is not the
-    measured-faster choice or not possible here."""
+def _native_inference(x, weight, bias, perm, lowrank=None):
+    """The io block (with its low-rank term, if any) through one native call (inference only), or
+    None where that is not the measured-faster choice or not possible here."""
     n = x.shape[0]
     small = n <= NATIVE_SMALL_MAX_TOKENS
     if not (small or (n >= FUSED_MIN_TOKENS and weight.shape[1] <= FUSED_MAX_OUT_PER_GROUP)):
         return None
-    if not (FUSED_FORWARD and x.dtype == torch.float32 and n > 0 and _eager_cpu(x)) or _needs_grad(x, weight, bias):
+    lr = () if lowrank is None else lowrank
+    if not (FUSED_FORWARD and x.dtype == torch.float32 and n > 0 and _eager_cpu(x)) or _needs_grad(x, weight, bias, *lr):
         return None  # (checked before the permutation below costs a copy)
-    if perm is not None:
-        x = x.index_select(1, perm)
     x = x.contiguous()
-    if not _kernels_ok(x, weight, bias):
+    xp = x if perm is None else x.index_select(1, perm)  # the io part reads x[:, perm]; the low-rank term x
+    if not _kernels_ok(xp, weight, bias, x, *lr):
         return None
-    return _io_native(x, weight, bias, small)
+    if small:  # io_small adds the low-rank term itself: two torch calls fewer per decode step
+        return _io_native(xp, weight, bias, True, None if lowrank is None else (x, *lowrank))
+    return _add_lowrank(_io_native(xp, weight, bias), x, lowrank)
 
 
-def io_forward(x, weight, bias, groups: int, gather_index=None, perm=None) -> torch.Tensor:
+def _add_lowrank(y: torch.Tensor, x: torch.Tensor, lowrank) -> torch.Tensor:
+    """y + x A^T B^T: a hybrid block's low-rank term, ``lowrank`` = (A (r, in), B (out, r)) or None."""
+    if lowrank is None:
+        return y
+    a, b = lowrank
+    return torch.addmm(y, x @ a.t(), b.t())  # (N, in) -> (N, r) -> (N, out), accumulated onto y by one addmm
+
+
+def io_forward(x, weight, bias, groups: int, gather_index=None, perm=None, lowrank=None) -> torch.Tensor:
     """``y`` (N, out) of an io block on ``x`` (N, in). ``perm``: the block reads ``x[:, perm]``;
     ``gather_index`` (g, 2c) must then include it. It is only read off the conv path, and may be
-    given as a function returning it, called only where it is read."""
+    given as a function returning it, called only where it is read. ``lowrank``: (A, B) of a
+    hybrid block, whose term ``x A^T B^T`` (on x unpermuted) is added to y."""
     if _use_grouped_mm(x, weight):
-        return _io_grouped_mm(x, weight, bias, gather_index() if callable(gather_index) else gather_index)
+        y = _io_grouped_mm(x, weight, bias, gather_index() if callable(gather_index) else gather_index)
+        return _add_lowrank(y, x, lowrank)
     if NATIVE and _native is not None:
-        y = _native_inference(x, weight, bias, perm)
+        y = _native_inference(x, weight, bias, perm, lowrank)
         if y is not None:
             return y
     if _use_conv(x) or gather_index is None:
-        if perm is not None:
-            x = x.index_select(1, perm)
-        return _io_many(x.contiguous(), weight, bias, groups)
-    return _io_gather(x, weight, bias, gather_index() if callable(gather_index) else gather_index)
+        xp = x if perm is None else x.index_select(1, perm)
+        return _add_lowrank(_io_many(xp.contiguous(), weight, bias, groups), x, lowrank)
+    return _add_lowrank(_io_gather(x, weight, bias, gather_index() if callable(gather_index) else gather_index),
+                        x, lowrank)
 
 
 def grouped_forward(x, weight, bias, groups: int) -> torch.Tensor:

@@ -329,18 +329,21 @@ def test_inference_routes_by_token_count(monkeypatch, one_thread, permuted, bloc
 
 
 @needs_native
-@pytest.mark.parametrize("family", ["phi3", "qwen2", "opt"])  # fused qkv/gate_up, biases on q/k/v, biases everywhere
-@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("family", ["phi3", "qwen2", "opt", "phi3-hybrid"])  # fused qkv/gate_up, biases on
+@pytest.mark.parametrize("threads", [1, 2])  # q/k/v, biases everywhere, grouped + low-rank blocks
 def test_whole_model_logits_with_and_without_kernels(isa, family, threads):
     """End to end: a shrunk tiny model's prefill (64 tokens x 3 sequences: the fused forward) and
-    its KV-cache decode (1 token: io_small) give the same logits with the kernels on and off."""
+    its KV-cache decode (1 token: io_small, with the low-rank term for hybrid blocks) give the
+    same logits with the kernels on and off."""
     from gpconv import GPConvConfig, shrink
 
     from tiny_models import FAMILIES, MCPG
 
-    build, _, _ = FAMILIES[family]
+    base, hybrid = family.split("-")[0], family.endswith("-hybrid")
+    build, _, _ = FAMILIES[base]
     model = build()
-    shrink(model, GPConvConfig(min_channels_per_group=MCPG, init="project", permute=(family == "qwen2")))
+    shrink(model, GPConvConfig(min_channels_per_group=MCPG, init="project", permute=(base == "qwen2"),
+                               variant="hybrid" if hybrid else "io", rank=3 if hybrid else None))
     model = model.eval()
     ids = torch.randint(3, 128, (3, 64))
     old, old_native = torch.get_num_threads(), layers.NATIVE
@@ -380,3 +383,87 @@ def test_decode_path_does_not_build_the_gather_index(one_thread, block_isa):
         x = torch.randn(20, 96)
         torch.testing.assert_close(block(x), x @ dense.t() + block.bias, rtol=1e-5, atol=1e-5)
     assert len(block._gather_cache) == 1
+
+
+def _hybrid_ref(x, block):
+    """The hybrid block's output by its dense map (io part and low-rank term), in float64."""
+    ref = x.double() @ block.to_dense().double().t()
+    return ref if block.bias is None else ref + block.bias.double()
+
+
+@needs_block_kernels
+@pytest.mark.parametrize("n_in, n_out, g", FUSED_SHAPES)
+@pytest.mark.parametrize("r", [1, 5, 9, 17])  # below, at and across the 8-wide vectors
+@pytest.mark.parametrize("n", [1, 3, 8])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_io_small_adds_the_low_rank_term(block_isa, n_in, n_out, g, r, n, threads):
+    """io_small with a hybrid block's A, B: y = io block + (x A^T) B^T (+ bias), every tail of
+    the 8-output and 8-wide rank loops, written only inside y."""
+    torch.manual_seed(r * 31 + n)
+    block = GroupedPointwiseBlock(n_in, n_out, g, bias=True, rank=r)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(n, n_in)
+    w, b, a, bb = (t.detach() for t in (block.weight, block.bias, block.lowrank_a, block.lowrank_b))
+    buf, y = _guarded(n * n_out)
+    layers._native.io_small(x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), n, n_in, n_out, g, threads,
+                            x.data_ptr(), a.data_ptr(), bb.data_ptr(), r)
+    assert _guards_intact(buf)
+    torch.testing.assert_close(y.view(n, n_out).double(), _hybrid_ref(x, block), rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_low_rank_term_only_with_io_small():
+    x = torch.zeros(64)
+    with pytest.raises(ValueError, match="low-rank term"):
+        layers._native.io_forward(x.data_ptr(), x.data_ptr(), 0, x.data_ptr(), 1, 8, 8, 2, 1,
+                                  x.data_ptr(), x.data_ptr(), x.data_ptr(), 2)
+
+
+@needs_block_kernels
+@pytest.mark.parametrize("permuted", [False, True])
+def test_hybrid_block_routes_and_matches(monkeypatch, one_thread, block_isa, permuted):
+    """A hybrid block (io + low rank): decode (<= 8 tokens) is one io_small call carrying the
+    low-rank term (no torch matmul for it), other sizes keep their routes and add it with torch;
+    every route gives the dense map, the permutation applying to the io part only."""
+    calls = []
+    real = layers._native
+
+    class Spy:
+        def __getattr__(self, name):
+            fn = getattr(real, name)
+            return (lambda *a: calls.append((name, len(a))) or fn(*a)) if name.startswith("io_") else fn
+
+    monkeypatch.setattr(layers, "_native", Spy())
+    torch.manual_seed(1)
+    block = GroupedPointwiseBlock(96, 160, 8, bias=True, rank=6, permuted=permuted)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    if permuted:
+        block.input_perm.copy_(torch.randperm(96))
+    for n, route in [(1, ("io_small", 13)), (8, ("io_small", 13)), (9, None), (32, ("io_forward", 9)),
+                     (200, ("io_forward", 9))]:
+        x = torch.randn(1, n, 96)
+        calls.clear()
+        with torch.no_grad():
+            y = block(x)
+        assert calls == ([route] if route else []), n
+        torch.testing.assert_close(y[0].double(), _hybrid_ref(x[0], block), rtol=1e-5, atol=1e-5)
+
+
+@needs_block_kernels
+def test_training_only_the_low_rank_term_takes_autograd(one_thread, block_isa):
+    """LoRA-style: the grouped weight frozen, A and B trained. A 1-token step must not go through
+    the C kernel (it has no backward): A and B get autograd's gradients."""
+    torch.manual_seed(2)
+    block = GroupedPointwiseBlock(96, 160, 8, bias=False, rank=4)
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    block.weight.requires_grad_(False)
+    x = torch.randn(1, 96)
+    block(x).square().sum().backward()
+    a, b = block.lowrank_a.detach().requires_grad_(True), block.lowrank_b.detach().requires_grad_(True)
+    io = x @ block.to_dense().detach().t() - (x @ a.t() @ b.t()).detach()  # the frozen io part alone
+    (io + x @ a.t() @ b.t()).square().sum().backward()
+    torch.testing.assert_close(block.lowrank_a.grad, a.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(block.lowrank_b.grad, b.grad, rtol=1e-4, atol=1e-4)
