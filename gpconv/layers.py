@@ -441,7 +441,7 @@ wins on down_proj (96 outputs per group: 29.3 against 33.6 ms) and on SmolLM2's 
 (up to 2.2x), and is 6-10% slower on o_proj / qkv_proj (256 / 768) and 22% slower on
 gate_up_proj (2048). AVX2 (Zen 3 EPYC): 0.46-0.97x the two GEMMs' time on SmolLM2's and
 tiny-phi3's groups of 24-192 outputs at 128-1024 tokens, 0.91-0.98x at 512; on Phi-3's down_proj
-(96, but 8192 inputs, whose 48-token block outgrows the 512 KiB L2) 2-6% slower."""
+(96, but 8192 inputs, whose 48-token block outgrows the 512 KiB L2) 0.96-1.05x."""
 
 # The backward gives both dW GEMMs contiguous operands for groups of up to this many outputs.
 # Measured on the Xeon at 1024 tokens: through strided views MKL took ~20 ms for each of
