@@ -515,6 +515,31 @@ __attribute__((target("avx2,fma"))) static float dot_avx2(const float *a, const 
     return s;
 }
 
+/* The eight dot products rows[q * stride : + len] . v (q = 0..7) as one vector: eight independent
+   FMA chains keep both of an AVX2 core's FMA units busy, and their horizontal sums are gathered by
+   three rounds of hadds instead of eight separate reductions. */
+__attribute__((target("avx2,fma"))) static inline __m256 dot8_avx2(const float *rows, int64_t stride, const float *v,
+                                                                   int64_t len) {
+    const int64_t full = len / 8 * 8;
+    __m256 a[8];
+    for (int q = 0; q < 8; q++) a[q] = _mm256_setzero_ps();
+    for (int64_t j = 0; j < full; j += 8) {
+        const __m256 vv = _mm256_loadu_ps(v + j);
+        for (int q = 0; q < 8; q++) a[q] = _mm256_fmadd_ps(_mm256_loadu_ps(rows + q * stride + j), vv, a[q]);
+    }
+    if (len > full) {
+        const __m256i tail = lanes8((int)(len - full));
+        const __m256 vv = _mm256_maskload_ps(v + full, tail);
+        for (int q = 0; q < 8; q++)
+            a[q] = _mm256_fmadd_ps(_mm256_maskload_ps(rows + q * stride + full, tail), vv, a[q]);
+    }
+    const __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
+    const __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
+    const __m256 q0 = _mm256_hadd_ps(s01, s23), q1 = _mm256_hadd_ps(s45, s67);
+    /* q0 lanes: (0 1 2 3 | 0 1 2 3) halves of rows 0-3; q1 the same for rows 4-7 */
+    return _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31));
+}
+
 /* u (n, r) = x (n, in) A^T */
 __attribute__((target("avx2,fma"))) static void lowrank_u_avx2(const float *x, const float *a, float *u, int64_t n,
                                                                int64_t in, int64_t r) {
@@ -522,96 +547,46 @@ __attribute__((target("avx2,fma"))) static void lowrank_u_avx2(const float *x, c
         for (int64_t q = 0; q < r; q++) u[t * r + q] = dot_avx2(x + t * in, a + q * in, in);
 }
 
-/* y[t, o0:o1] += B[o0:o1] u[t]; eight rows of B at a time, their sums gathered by hadds as in
-   io_small_avx2 (one dot product and horizontal sum per output took 6 us of a 13.6 us SmolLM2
-   q_proj call) */
+/* y[t, o0:o1] += B[o0:o1] u[t], eight rows of B at a time (one dot product and horizontal sum per
+   output took 6 us of a 13.6 us SmolLM2 q_proj call) */
 __attribute__((target("avx2,fma"))) static void lowrank_add_avx2(float *y, const float *b, const float *u, int64_t n,
                                                                  int64_t out, int64_t o0, int64_t o1, int64_t r) {
-    const int64_t full = r / 8 * 8;
-    const int rem = (int)(r - full);
-    const __m256i tail = lanes8(rem);
     for (int64_t t = 0; t < n; t++) {
         const float *ut = u + t * r;
         int64_t o = o0;
         for (; o + 8 <= o1; o += 8) {
-            const float *br = b + o * r;
-            __m256 a[8];
-            for (int q = 0; q < 8; q++) a[q] = _mm256_setzero_ps();
-            int64_t j = 0;
-            for (; j < full; j += 8) {
-                const __m256 uv = _mm256_loadu_ps(ut + j);
-                for (int q = 0; q < 8; q++) a[q] = _mm256_fmadd_ps(_mm256_loadu_ps(br + q * r + j), uv, a[q]);
-            }
-            if (rem) {
-                const __m256 uv = _mm256_maskload_ps(ut + j, tail);
-                for (int q = 0; q < 8; q++) a[q] = _mm256_fmadd_ps(_mm256_maskload_ps(br + q * r + j, tail), uv, a[q]);
-            }
-            const __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
-            const __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
-            const __m256 q0 = _mm256_hadd_ps(s01, s23), q1 = _mm256_hadd_ps(s45, s67);
-            const __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31));
             float *yt = y + t * out + o;
-            _mm256_storeu_ps(yt, _mm256_add_ps(_mm256_loadu_ps(yt), sum));
+            _mm256_storeu_ps(yt, _mm256_add_ps(_mm256_loadu_ps(yt), dot8_avx2(b + o * r, r, ut, r)));
         }
         for (; o < o1; o++) y[t * out + o] += dot_avx2(b + o * r, ut, r); /* the rows past a multiple of 8 */
     }
 }
 
-/* io_small in 8-wide registers: see io_small_avx512. Eight weight rows at a time: eight independent
-   FMA chains keep both of an AVX2 core's FMA units busy (four measured slower than gather + bmm on
-   wide groups). */
+/* io_small in 8-wide registers: see io_small_avx512. Eight weight rows at a time (dot8_avx2; four,
+   as in the AVX-512 version, measured slower than gather + bmm on wide groups). */
 __attribute__((target("avx2,fma"))) static void io_small_avx2(const float *x, const float *w, const float *bias,
                                                               float *y, int64_t n, int64_t in, int64_t out, int64_t g,
                                                               int64_t k0, int64_t k1, float *z) {
     const int64_t c = in / g, oc = out / g, k2 = 2 * c;
-    const int64_t full = k2 / 8 * 8;
-    const int rem = (int)(k2 - full);
-    const __m256i tail = lanes8(rem);
     for (int64_t k = k0; k < k1; k++) {
-        for (int64_t t = 0; t < n; t++) { /* z[t] = [x own | x interleaved] of group k, zero-padded to 8 */
+        for (int64_t t = 0; t < n; t++) { /* z[t] = [x own | x interleaved] of group k */
             const float *xr = x + t * in;
-            float *zt = z + t * (full + 8);
+            float *zt = z + t * k2;
             memcpy(zt, xr + k * c, sizeof(float) * c);
             for (int64_t j = 0; j < c; j++) zt[c + j] = xr[j * g + k];
         }
         const float *wk = w + k * oc * k2;
         int64_t o = 0;
         for (; o + 8 <= oc; o += 8) {
-            const float *wr = wk + o * k2;
             for (int64_t t = 0; t < n; t++) {
-                const float *zt = z + t * (full + 8);
-                __m256 a[8];
-                for (int r = 0; r < 8; r++) a[r] = _mm256_setzero_ps();
-                int64_t j = 0;
-                for (; j < full; j += 8) {
-                    const __m256 zv = _mm256_loadu_ps(zt + j);
-                    for (int r = 0; r < 8; r++) a[r] = _mm256_fmadd_ps(_mm256_loadu_ps(wr + r * k2 + j), zv, a[r]);
-                }
-                if (rem) {
-                    const __m256 zv = _mm256_maskload_ps(zt + j, tail);
-                    for (int r = 0; r < 8; r++) a[r] = _mm256_fmadd_ps(_mm256_maskload_ps(wr + r * k2 + j, tail), zv, a[r]);
-                }
-                /* eight horizontal sums at once: yt[r] = sum of a[r] */
-                const __m256 s01 = _mm256_hadd_ps(a[0], a[1]), s23 = _mm256_hadd_ps(a[2], a[3]);
-                const __m256 s45 = _mm256_hadd_ps(a[4], a[5]), s67 = _mm256_hadd_ps(a[6], a[7]);
-                const __m256 q0 = _mm256_hadd_ps(s01, s23), q1 = _mm256_hadd_ps(s45, s67);
-                /* q0 lanes: (0 1 2 3 | 0 1 2 3) halves of rows 0-3; q1 the same for rows 4-7 */
-                __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(q0, q1, 0x20), _mm256_permute2f128_ps(q0, q1, 0x31));
+                __m256 sum = dot8_avx2(wk + o * k2, k2, z + t * k2, k2);
                 if (bias) sum = _mm256_add_ps(sum, _mm256_loadu_ps(bias + k * oc + o));
                 _mm256_storeu_ps(y + t * out + k * oc + o, sum);
             }
         }
-        for (; o < oc; o++) { /* oc not a multiple of 8 */
-            const float *wr = wk + o * k2;
-            for (int64_t t = 0; t < n; t++) {
-                const float *zt = z + t * (full + 8);
-                __m256 a = _mm256_setzero_ps();
-                int64_t j = 0;
-                for (; j < full; j += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(wr + j), _mm256_loadu_ps(zt + j), a);
-                if (rem) a = _mm256_fmadd_ps(_mm256_maskload_ps(wr + j, tail), _mm256_maskload_ps(zt + j, tail), a);
-                y[t * out + k * oc + o] = hsum8(a) + (bias ? bias[k * oc + o] : 0.0f);
-            }
-        }
+        for (; o < oc; o++) /* oc not a multiple of 8 */
+            for (int64_t t = 0; t < n; t++)
+                y[t * out + k * oc + o] = dot_avx2(wk + o * k2, z + t * k2, k2) + (bias ? bias[k * oc + o] : 0.0f);
     }
 }
 #endif
