@@ -30,8 +30,10 @@ the backward's un-interleaving add done by torch's strided copies instead of the
 gpconv/_native.c, so the kernels' effect is measured side by side in the same run.
 ``--two-gemm`` adds the block with the native copies but ``gpconv.layers.FUSED_FORWARD = False``
 (the interleaved copy + two MKL GEMMs forward), and ``--fused`` the block with the fused forward
-forced on every shape (``FUSED_MAX_OUT_PER_GROUP`` lifted): the default picks between the two
-by the group width, and these sides show what each would give.
+forced on every shape (``FUSED_MAX_OUT_PER_GROUP`` lifted; the fused input gradient too): the
+default picks between the two by the group width, and these sides show what each would give.
+``--unfused-dx`` adds the block with ``gpconv.layers.FUSED_BACKWARD = False`` (the backward's
+input gradient as two MKL GEMMs + the un-interleaving add instead of one io_dx call).
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ VARIANTS = {  # extra sides: the same block under other gpconv.layers settings
     "torch-copy": dict(NATIVE=False),
     "two-gemm": dict(FUSED_FORWARD=False),
     "fused": dict(FUSED_MAX_OUT_PER_GROUP=1 << 30),
+    "unfused-dx": dict(FUSED_BACKWARD=False),
 }
 
 
@@ -244,7 +247,10 @@ def main(argv=None) -> int:
     ap.add_argument("--two-gemm", action="store_true",
                     help="also time the block with the native copies but not the fused forward")
     ap.add_argument("--fused", action="store_true",
-                    help="also time the block with the fused forward on every shape")
+                    help="also time the block with the fused forward (and fused input gradient) on every shape")
+    ap.add_argument("--unfused-dx", action="store_true",
+                    help="also time the block with the backward's input gradient as two MKL GEMMs + the "
+                         "un-interleaving add instead of the fused io_dx kernel")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--json", default=None, help="write rows + machine info to this file")

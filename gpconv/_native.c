@@ -8,6 +8,8 @@
  *   io_forward(x, w, bias, y, n, in, out, g)  y (n, out) = the whole io block, G1(x) + G2(interleave(x)) + bias
  *   io_small(...)                             the same for a few tokens (decode), optionally with a hybrid
  *                                             block's low-rank term (x A^T) B^T
+ *   io_dx(dy, w, dx, n, in, out, g)           dx (n, in) = the block's input gradient, dY W_own +
+ *                                             un-interleave(dY W_mixed) (AVX2 code on every x86 CPU with AVX2)
  *
  * The first two are the interleave of the kphi-3 block: channel i*g + k of a token is channel k*c + i of its
  * interleaved copy. torch does them as a strided elementwise copy, one scalar load per element at
@@ -49,7 +51,7 @@ typedef struct {
     const float *src;
     float *dst;
     int64_t n0, n1, n, c, g;
-    int kind; /* 0 interleave, 1 uninterleave_add, 2 io_forward, 3 io_small */
+    int kind; /* 0 interleave, 1 uninterleave_add, 2 io_forward, 3 io_small, 4 io_dx */
     int grouped; /* interleave: write (g, n, c) instead of (n, g, c) */
     const float *w, *bias; /* io_forward only */
     int64_t out;
@@ -496,6 +498,99 @@ __attribute__((target("avx2,fma"))) static void io_forward_avx2(const float *x, 
     }
 }
 
+/* io_dx: the input gradient of the io block, dx (n, in) = dY W_own + un-interleave(dY W_mixed), by
+   the forward's plan run backwards. Per block of F2_TB tokens dY is transposed once into dyt
+   (out, TB); each (6 channels x 16 tokens) tile of the channel-major dxt (in, TB) is then one pass
+   over the group's oc outputs. The interleaved half's channel j of group k is row j*g + k of dxt,
+   so the un-interleave is only a row address, as the interleave is in io_forward: no (g, N, c)
+   intermediate and no un-interleaving add over memory. Own halves are stored, interleaved halves
+   added (each weight element is still read once per block); dxt goes back to token-major at the
+   end. */
+__attribute__((target("avx2,fma"))) static void io_dx_avx2(const float *dy, const float *w, float *dx, int64_t n0,
+                                                           int64_t n1, int64_t in, int64_t out, int64_t g,
+                                                           float *dyt, float *dxt) {
+    const int64_t c = in / g, oc = out / g, ntile = (c + F2_OT - 1) / F2_OT;
+    for (int64_t tb0 = n0; tb0 < n1; tb0 += F2_TB) {
+        const int64_t nb = n1 - tb0 < F2_TB ? n1 - tb0 : F2_TB;
+        const int64_t ns = (nb + 15) / 16;
+        /* dyt[o][t] = dy[tb0 + t][o]: (16 ns, out) -> (out, TB); tokens past nb are zeros */
+        for (int64_t t0 = 0; t0 < 16 * ns; t0 += 8) {
+            for (int64_t o0 = 0; o0 < out; o0 += 8) {
+                const int ow = (int)(out - o0 < 8 ? out - o0 : 8);
+                const __m256i m = lanes8(ow);
+                __m256 r[8];
+                for (int j = 0; j < 8; j++) {
+                    const float *p = dy + (tb0 + t0 + j) * out + o0;
+                    r[j] = t0 + j >= nb ? _mm256_setzero_ps() : ow == 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, m);
+                }
+                transpose8(r);
+                for (int j = 0; j < ow; j++) _mm256_store_ps(dyt + (o0 + j) * F2_TB + t0, r[j]);
+            }
+        }
+        for (int half = 0; half < 2; half++) { /* 0: own channels (stored), 1: interleaved ones (added) */
+            for (int64_t k = 0; k < g; k++) {
+                const float *dk = dyt + k * oc * F2_TB; /* group k's oc rows of dyt */
+                for (int64_t jt = 0; jt < ntile; jt++) {
+                    const int64_t j0 = jt * F2_OT;
+                    const int cw = (int)(c - j0 < F2_OT ? c - j0 : F2_OT);
+                    const float *wt = w + ((half * g + k) * ntile + jt) * oc * F2_OT; /* packed (oc, 6) */
+                    float *rows[F2_OT]; /* dxt rows of the tile's channels (past cw: never stored) */
+                    for (int i = 0; i < F2_OT; i++) {
+                        const int64_t jj = j0 + (i < cw ? i : 0);
+                        rows[i] = dxt + (half ? jj * g + k : k * c + jj) * F2_TB;
+                    }
+                    for (int64_t s = 0; s < ns; s++) {
+                        __m256 c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+                        __m256 c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+                        const float *a = dk + 16 * s;
+                        const float *wo = wt;
+                        for (int64_t o = 0; o < oc; o++, a += F2_TB, wo += F2_OT) {
+                            const __m256 a0 = _mm256_load_ps(a), a1 = _mm256_load_ps(a + 8);
+                            __m256 b = _mm256_broadcast_ss(wo);
+                            c00 = _mm256_fmadd_ps(a0, b, c00), c01 = _mm256_fmadd_ps(a1, b, c01);
+                            b = _mm256_broadcast_ss(wo + 1);
+                            c10 = _mm256_fmadd_ps(a0, b, c10), c11 = _mm256_fmadd_ps(a1, b, c11);
+                            b = _mm256_broadcast_ss(wo + 2);
+                            c20 = _mm256_fmadd_ps(a0, b, c20), c21 = _mm256_fmadd_ps(a1, b, c21);
+                            b = _mm256_broadcast_ss(wo + 3);
+                            c30 = _mm256_fmadd_ps(a0, b, c30), c31 = _mm256_fmadd_ps(a1, b, c31);
+                            b = _mm256_broadcast_ss(wo + 4);
+                            c40 = _mm256_fmadd_ps(a0, b, c40), c41 = _mm256_fmadd_ps(a1, b, c41);
+                            b = _mm256_broadcast_ss(wo + 5);
+                            c50 = _mm256_fmadd_ps(a0, b, c50), c51 = _mm256_fmadd_ps(a1, b, c51);
+                        }
+                        const __m256 acc[F2_OT][F2_TV] = {{c00, c01}, {c10, c11}, {c20, c21},
+                                                          {c30, c31}, {c40, c41}, {c50, c51}};
+                        for (int i = 0; i < cw; i++) {
+                            float *p = rows[i] + 16 * s;
+                            if (half) {
+                                _mm256_store_ps(p, _mm256_add_ps(_mm256_load_ps(p), acc[i][0]));
+                                _mm256_store_ps(p + 8, _mm256_add_ps(_mm256_load_ps(p + 8), acc[i][1]));
+                            } else {
+                                _mm256_store_ps(p, acc[i][0]);
+                                _mm256_store_ps(p + 8, acc[i][1]);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        /* dx[tb0 + t][ch] = dxt[ch][t]: (in, TB) -> (nb, in) */
+        for (int64_t t0 = 0; t0 < nb; t0 += 8) {
+            const int tw = (int)(nb - t0 < 8 ? nb - t0 : 8);
+            int64_t ch0 = 0;
+            for (; ch0 + 8 <= in; ch0 += 8) {
+                __m256 r[8];
+                for (int j = 0; j < 8; j++) r[j] = _mm256_load_ps(dxt + (ch0 + j) * F2_TB + t0);
+                transpose8(r); /* r[q]: channels ch0 .. ch0 + 7 of token t0 + q */
+                for (int q = 0; q < tw; q++) _mm256_storeu_ps(dx + (tb0 + t0 + q) * in + ch0, r[q]);
+            }
+            for (; ch0 < in; ch0++)
+                for (int q = 0; q < tw; q++) dx[(tb0 + t0 + q) * in + ch0] = dxt[ch0 * F2_TB + t0 + q];
+        }
+    }
+}
+
 /* The low-rank term of a hybrid block at decode, y += (x A^T) B^T with A (r, in), B (out, r): two
    thin GEMVs that torch runs as two calls of ~10 us each around ~2 us of arithmetic (SmolLM2 at
    -m 64, rank 28). AVX2 code, used on AVX-512 CPUs too (they all have AVX2 + FMA). */
@@ -634,7 +729,28 @@ static void io_forward_job(job_t *j) {
 #endif
 }
 
+static void io_dx_job(job_t *j) {
+#ifdef GPCONV_X86
+    const int64_t in = j->c * j->g;
+    /* sizes are multiples of 16 floats (F2_TB = 48), so aligned_alloc's size rule holds */
+    float *dyt = aligned_alloc(64, sizeof(float) * (size_t)(j->out * F2_TB));
+    float *dxt = aligned_alloc(64, sizeof(float) * (size_t)(in * F2_TB));
+    if (dyt == NULL || dxt == NULL)
+        j->failed = 1;
+    else
+        io_dx_avx2(j->src, j->w, j->dst, j->n0, j->n1, in, j->out, j->g, dyt, dxt);
+    free(dyt);
+    free(dxt);
+#else
+    j->failed = 1;
+#endif
+}
+
 static void run_job(job_t *j) {
+    if (j->kind == 4) {
+        io_dx_job(j);
+        return;
+    }
     if (j->kind == 2) {
         io_forward_job(j);
         return;
@@ -770,6 +886,52 @@ static PyObject *io_call(PyObject *args, int kind) {
 static PyObject *py_io_forward(PyObject *self, PyObject *args) { return io_call(args, 2); }
 static PyObject *py_io_small(PyObject *self, PyObject *args) { return io_call(args, 3); }
 
+/* io_dx's weight layout: W (g, oc, 2c) -> for each half, group and 6-channel tile, an (oc, 6) block
+   (channels past c are zeros), so that the kernel's six broadcasts per output are six consecutive
+   floats. Read in place, W[k][o][j0 .. j0 + 5] sit 2c floats apart per o; at c = 256 that is a
+   2 KB stride, which maps every row onto the same two L1 sets (down_proj's io_dx 1.4x slower). */
+static void pack_dx_weight(const float *w, float *wp, int64_t c, int64_t oc, int64_t g) {
+    const int64_t ntile = (c + F2_OT - 1) / F2_OT;
+    for (int64_t half = 0; half < 2; half++)
+        for (int64_t k = 0; k < g; k++)
+            for (int64_t jt = 0; jt < ntile; jt++) {
+                float *d = wp + ((half * g + k) * ntile + jt) * oc * F2_OT;
+                const int64_t j0 = jt * F2_OT, cw = c - j0 < F2_OT ? c - j0 : F2_OT;
+                for (int64_t o = 0; o < oc; o++) {
+                    const float *s = w + (k * oc + o) * 2 * c + half * c + j0;
+                    for (int64_t i = 0; i < F2_OT; i++) d[o * F2_OT + i] = i < cw ? s[i] : 0.0f;
+                }
+            }
+}
+
+static PyObject *py_io_dx(PyObject *self, PyObject *args) {
+    unsigned long long dy, w, dx;
+    long long n, in, out, g;
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "KKKLLLL|i", &dy, &w, &dx, &n, &in, &out, &g, &threads)) return NULL;
+    if (n < 0 || g < 1 || in < g || out < g || in % g || out % g) {
+        PyErr_SetString(PyExc_ValueError, "gpconv._native.io_dx: need n >= 0 and g dividing in and out");
+        return NULL;
+    }
+    if (isa_level < ISA_AVX2) {
+        PyErr_SetString(PyExc_RuntimeError, "gpconv._native.io_dx needs AVX2 + FMA");
+        return NULL;
+    }
+    const int64_t c = in / g, oc = out / g, ntile = (c + F2_OT - 1) / F2_OT;
+    float *wp = malloc(sizeof(float) * (size_t)(2 * g * ntile * oc * F2_OT));
+    if (wp == NULL) return PyErr_NoMemory();
+    job_t proto = {(const float *)(uintptr_t)dy, (float *)(uintptr_t)dx, 0, 0, n, c, g, 4, 0, wp, NULL, out, 0,
+                   NULL, NULL, 0};
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    pack_dx_weight((const float *)(uintptr_t)w, wp, c, oc, g);
+    rc = run_split(proto, threads);
+    Py_END_ALLOW_THREADS
+    free(wp);
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
+}
+
 static const char *isa_names[] = {"portable", "avx2", "avx512"};
 
 static PyObject *py_isa(PyObject *self, PyObject *args) { return PyUnicode_FromString(isa_names[isa_level]); }
@@ -806,6 +968,10 @@ static PyMethodDef methods[] = {
      "same as io_forward, for a few tokens (one dot product per output; threads split the groups); with r > 0 also "
      "a hybrid block's low-rank term y += (xl A^T) B^T, A (r, in), B (out, r), xl the unpermuted x; needs AVX2 + FMA "
      "or AVX-512."},
+    {"io_dx", py_io_dx, METH_VARARGS,
+     "io_dx(dy_ptr, w_ptr, dx_ptr, n, in, out, g, threads=1): float32 dx (n, in) = the io block's input gradient "
+     "for dy (n, out) and weight (g, out/g, 2*in/g), written (not added); needs AVX2 + FMA (AVX-512 CPUs run the "
+     "AVX2 code)."},
     {"isa", py_isa, METH_NOARGS, "isa() -> 'avx512' | 'avx2' | 'portable': which kernels run (the best this CPU has)."},
     {"set_isa", py_set_isa, METH_VARARGS,
      "set_isa(name) -> str: run the kernels of 'avx512', 'avx2' or 'portable' (at most what the CPU has); "

@@ -433,6 +433,12 @@ FUSED_FORWARD = True
 interleave + GEMM, instead of an interleaved copy and two MKL GEMMs (docs/speed.md). Only
 consulted when :data:`NATIVE` is on."""
 
+FUSED_BACKWARD = True
+"""CPU float32 with AVX2 (AVX-512 CPUs run the same AVX2 code): compute the io block's input
+gradient as gpconv._native.io_dx, one fused GEMM + un-interleave, instead of two MKL GEMMs, a
+(g, N, c) intermediate and an un-interleaving add (docs/speed.md); groups of at most
+:data:`FUSED_MAX_OUT_PER_GROUP` outputs. Only consulted when :data:`NATIVE` is on."""
+
 FUSED_MAX_OUT_PER_GROUP = 192
 """The fused forward only for groups of at most this many outputs. It re-reads a 48-token slice
 of x once per output tile and streams all weights once per 48 tokens, so it loses to MKL's
@@ -459,6 +465,11 @@ def _kernels_ok(x: torch.Tensor, weight: torch.Tensor, bias, *more: torch.Tensor
 
 def _fused_ok(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
     return weight.shape[1] <= FUSED_MAX_OUT_PER_GROUP and _kernels_ok(x, weight, bias)
+
+
+def _fused_dx_ok(dy: torch.Tensor, weight: torch.Tensor) -> bool:
+    return (FUSED_BACKWARD and weight.shape[1] <= FUSED_MAX_OUT_PER_GROUP and _native_ok(dy, weight)
+            and _native.isa() != "portable")
 
 
 def _io_native(x: torch.Tensor, weight: torch.Tensor, bias, small: bool = False, lowrank=None) -> torch.Tensor:
@@ -617,7 +628,10 @@ class _IOBlockCPU(torch.autograd.Function):
         dy_c = dy.contiguous()
         dyg = dy_c.view(n, g, oc).transpose(0, 1)  # (N, out) -> (g, N, oc), a view
         dx = dw = db = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0] and _fused_dx_ok(dy_c, weight):
+            dx = x.new_empty(n, i)  # the whole input gradient in one C call: no (g, N, c) intermediate
+            _native.io_dx(dy_c.data_ptr(), weight.data_ptr(), dx.data_ptr(), n, i, g * oc, g, _threads())
+        elif ctx.needs_input_grad[0]:
             if strided:
                 dx = torch.empty_like(x)
                 torch.bmm(dyg, weight[:, :, :c], out=dx.view(n, g, c).transpose(0, 1))  # written as (N, g, c)

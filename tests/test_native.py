@@ -206,6 +206,36 @@ def test_block_kernels_are_the_block(block_isa, n_in, n_out, g, kernel, n, threa
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+@needs_block_kernels
+@pytest.mark.parametrize("n_in, n_out, g", FUSED_SHAPES)
+@pytest.mark.parametrize("n", [1, 7, 15, 16, 17, 47, 48, 49, 130])  # tails of the 8 x 8 transposes,
+@pytest.mark.parametrize("threads", [1, 3])                          # the 16-token tile, the 48-token block
+def test_io_dx_is_the_blocks_input_gradient(block_isa, n_in, n_out, g, n, threads):
+    """io_dx writes dY @ W_dense: the own half's GEMM plus the un-interleaved mixed half, every
+    element (the output starts as NaN), at channel counts that are not a multiple of its 6-channel
+    tile."""
+    torch.manual_seed(n)
+    block = GroupedPointwiseBlock(n_in, n_out, g)
+    dy = torch.randn(n, n_out)
+    dx = torch.full((n, n_in), float("nan"))
+    layers._native.io_dx(dy.data_ptr(), block.weight.detach().data_ptr(), dx.data_ptr(), n, n_in, n_out, g, threads)
+    ref = dy.double() @ block.to_dense().double()
+    torch.testing.assert_close(dx.double(), ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_native
+def test_io_dx_refuses_bad_shapes_and_missing_isa():
+    x = torch.zeros(8)
+    with pytest.raises(ValueError, match="g dividing"):
+        layers._native.io_dx(x.data_ptr(), x.data_ptr(), x.data_ptr(), 1, 6, 4, 4)
+    before = layers._native.set_isa("portable")
+    try:
+        with pytest.raises(RuntimeError, match="AVX2"):
+            layers._native.io_dx(x.data_ptr(), x.data_ptr(), x.data_ptr(), 1, 2, 2, 1)
+    finally:
+        layers._native.set_isa(before)
+
+
 GUARD = 64  # floats of sentinel before and after each output
 
 
@@ -244,6 +274,11 @@ def test_kernels_write_only_their_output(isa, n_in, n_out, g, n):
         getattr(layers._native, kernel)(x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), n, n_in, n_out, g, 2)
         assert _guards_intact(buf), kernel
         assert torch.isfinite(y).all() and not (y == 12345.0).any(), kernel
+    dy = torch.randn(n, n_out)
+    buf, dx = _guarded(n * n_in)
+    layers._native.io_dx(dy.data_ptr(), w.data_ptr(), dx.data_ptr(), n, n_in, n_out, g, 2)
+    assert _guards_intact(buf)
+    assert torch.isfinite(dx).all() and not (dx == 12345.0).any()
 
 
 @needs_block_kernels
@@ -283,6 +318,47 @@ def test_fused_forward_runs_in_the_block_and_in_training(monkeypatch, one_thread
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-4, atol=1e-4)
     for a, p in zip(block_grads, block.parameters()):
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-4)
+
+
+@needs_block_kernels
+def test_fused_input_gradient_runs_in_training(monkeypatch, one_thread, block_isa):
+    """The backward takes io_dx for narrow groups (not for wide ones, not with FUSED_BACKWARD off,
+    not when x needs no gradient), and every route gives the same gradients."""
+    calls = []
+    native = layers._native
+
+    class Spy:
+        def __getattr__(self, name):
+            real = getattr(native, name)
+            return (lambda *a: calls.append(a) or real(*a)) if name == "io_dx" else real
+
+    monkeypatch.setattr(layers, "_native", Spy())
+    torch.manual_seed(0)
+    block = GroupedPointwiseBlock(384, 384, 12, bias=True)
+    x0 = torch.randn(2, 100, 384)
+    dy = torch.randn(2, 100, 384)
+
+    def grads():
+        x = x0.clone().requires_grad_(True)
+        block.zero_grad()
+        block(x).backward(dy)
+        return [x.grad] + [p.grad.clone() for p in block.parameters()]
+
+    fused = grads()
+    assert len(calls) == 1
+    monkeypatch.setattr(layers, "FUSED_BACKWARD", False)
+    unfused = grads()
+    assert len(calls) == 1
+    monkeypatch.setattr(layers, "FUSED_BACKWARD", True)
+    monkeypatch.setattr(layers, "FUSED_MAX_OUT_PER_GROUP", 31)  # 32 outputs per group: too wide now
+    wide = grads()
+    assert len(calls) == 1
+    for a, b, c in zip(fused, unfused, wide):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(layers, "FUSED_MAX_OUT_PER_GROUP", 192)
+    block(x0).backward(dy)  # x needs no gradient: only dW, no io_dx
+    assert len(calls) == 1
 
 
 @needs_native
