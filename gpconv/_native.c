@@ -894,14 +894,15 @@ static void pack_dx_weight(const float *w, float *wp, int64_t c, int64_t oc, int
     const int64_t ntile = (c + F2_OT - 1) / F2_OT;
     for (int64_t half = 0; half < 2; half++)
         for (int64_t k = 0; k < g; k++)
-            for (int64_t jt = 0; jt < ntile; jt++) {
-                float *d = wp + ((half * g + k) * ntile + jt) * oc * F2_OT;
-                const int64_t j0 = jt * F2_OT, cw = c - j0 < F2_OT ? c - j0 : F2_OT;
-                for (int64_t o = 0; o < oc; o++) {
-                    const float *s = w + (k * oc + o) * 2 * c + half * c + j0;
-                    for (int64_t i = 0; i < F2_OT; i++) d[o * F2_OT + i] = i < cw ? s[i] : 0.0f;
+            for (int64_t o0 = 0; o0 < oc; o0 += 8) /* 8 weight rows at a time: reads and writes both sequential */
+                for (int64_t jt = 0; jt < ntile; jt++) {
+                    float *d = wp + ((half * g + k) * ntile + jt) * oc * F2_OT;
+                    const int64_t j0 = jt * F2_OT, cw = c - j0 < F2_OT ? c - j0 : F2_OT;
+                    for (int64_t o = o0; o < o0 + 8 && o < oc; o++) {
+                        const float *s = w + (k * oc + o) * 2 * c + half * c + j0;
+                        for (int64_t i = 0; i < F2_OT; i++) d[o * F2_OT + i] = i < cw ? s[i] : 0.0f;
+                    }
                 }
-            }
 }
 
 static PyObject *py_io_dx(PyObject *self, PyObject *args) {
