@@ -467,6 +467,28 @@ def _fused_ok(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
     return weight.shape[1] <= FUSED_MAX_OUT_PER_GROUP and _kernels_ok(x, weight, bias)
 
 
+HUGE_PAGES = True
+"""Linux, CPU, with gpconv._native: ask for transparent huge pages under the io block's fresh
+outputs (y, dx, dW) of 32 MiB or more before they are written. glibc serves allocations that
+large by a fresh mmap every time (smaller ones, after the first, come from its recycled heap),
+and the kernel page-faults them 4 KiB at a time on first write: a fresh 32 MB tensor took
+25 ms to fill against 2.3 ms for one already touched, and 5.8 ms with huge pages (Zen 3 VM,
+2026-12-01; docs/speed.md). Phi-3's down_proj at 1,024 tokens has exactly such a dx. A no-op
+where THP is off; set False if huge-page faults stall on a fragmented machine. (torch's own
+``THP_MEM_ALLOC_ENABLE=1`` does the same for every large tensor of the process.)"""
+
+_HUGE_MIN_BYTES = 32 << 20  # glibc's largest mmap threshold: below it freed memory is reused, no faults
+
+
+def _fresh(like: torch.Tensor, *shape: int) -> torch.Tensor:
+    """An uninitialised output of ``shape`` like ``like``, on huge pages where that helps (HUGE_PAGES)."""
+    t = like.new_empty(shape)
+    nbytes = t.numel() * t.element_size()
+    if HUGE_PAGES and nbytes >= _HUGE_MIN_BYTES and t.device.type == "cpu" and NATIVE and _native is not None:
+        _native.advise_huge(t.data_ptr(), nbytes)
+    return t
+
+
 def _fused_dx_ok(dy: torch.Tensor, weight: torch.Tensor) -> bool:
     return (FUSED_BACKWARD and weight.shape[1] <= FUSED_MAX_OUT_PER_GROUP and _native_ok(dy, weight)
             and _native.isa() != "portable")
@@ -478,7 +500,7 @@ def _io_native(x: torch.Tensor, weight: torch.Tensor, bias, small: bool = False,
     contiguous float32: the kernel adds the hybrid's low-rank term too."""
     n, i = x.shape
     g, oc, _ = weight.shape
-    y = x.new_empty(n, g * oc)
+    y = _fresh(x, n, g * oc)
     kernel = _native.io_small if small else _native.io_forward
     if lowrank is None:
         lr = ()
@@ -577,7 +599,7 @@ def _io_bmm(x: torch.Tensor, weight: torch.Tensor, bias, xi: torch.Tensor) -> to
     own = x.view(n, g, c).transpose(0, 1)  # (N, in) -> (N, g, c) -> (g, N, c): read in place
     w_own, w_mixed = weight[:, :, :c].transpose(1, 2), weight[:, :, c:].transpose(1, 2)  # (g, c, oc) each
     if _strided_out():
-        y = x.new_empty(n, g * oc)
+        y = _fresh(x, n, g * oc)
         yg = y.view(n, g, oc).transpose(0, 1)  # (N, out) -> (g, N, oc), a view: GEMMs write y itself
         torch.bmm(own, w_own, out=yg)
         yg.baddbmm_(xi.transpose(0, 1), w_mixed)  # += (g, N, c) @ (g, c, oc)
@@ -629,11 +651,11 @@ class _IOBlockCPU(torch.autograd.Function):
         dyg = dy_c.view(n, g, oc).transpose(0, 1)  # (N, out) -> (g, N, oc), a view
         dx = dw = db = None
         if ctx.needs_input_grad[0] and _fused_dx_ok(dy_c, weight):
-            dx = x.new_empty(n, i)  # the whole input gradient in one C call: no (g, N, c) intermediate
+            dx = _fresh(x, n, i)  # the whole input gradient in one C call: no (g, N, c) intermediate
             _native.io_dx(dy_c.data_ptr(), weight.data_ptr(), dx.data_ptr(), n, i, g * oc, g, _threads())
         elif ctx.needs_input_grad[0]:
             if strided:
-                dx = torch.empty_like(x)
+                dx = _fresh(x, n, i)
                 torch.bmm(dyg, weight[:, :, :c], out=dx.view(n, g, c).transpose(0, 1))  # written as (N, g, c)
             else:
                 dx = torch.bmm(dyg, weight[:, :, :c]).transpose(0, 1).reshape(n, i)  # (g, N, c) -> (N, in)
@@ -653,7 +675,7 @@ class _IOBlockCPU(torch.autograd.Function):
                 dyt = dyg.transpose(1, 2)  # (g, oc, N)
                 xi = _interleave_into(x, _scratch((n, g, c), x)).transpose(0, 1)  # (N, g, c) -> (g, N, c)
             if strided:
-                dw = weight.new_empty(g, oc, k)
+                dw = _fresh(weight, g, oc, k)
                 torch.bmm(dyt, own, out=dw[:, :, :c])
                 torch.bmm(dyt, xi, out=dw[:, :, c:])
             else:  # small: (g, oc, 2c) is the size of the weight

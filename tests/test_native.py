@@ -362,6 +362,40 @@ def test_fused_input_gradient_runs_in_training(monkeypatch, one_thread, block_is
 
 
 @needs_native
+def test_advise_huge_leaves_the_buffer_usable():
+    """advise_huge only changes how pages are backed: a 36 MiB buffer advised before its first
+    write holds what is written; a range with no 2 MiB-aligned inside is left alone (-1)."""
+    buf = torch.empty(9 << 20)
+    assert layers._native.advise_huge(buf.data_ptr(), buf.numel() * 4) in (0, -1)
+    buf.copy_(torch.arange(buf.numel(), dtype=torch.float32))
+    assert buf[12345].item() == 12345.0 and buf[-1].item() == float(buf.numel() - 1)
+    small = torch.empty(1000)
+    assert layers._native.advise_huge(small.data_ptr(), small.numel() * 4) == -1
+
+
+@needs_native
+def test_fresh_outputs_advise_huge_pages_only_when_large(monkeypatch):
+    """_fresh asks for huge pages for outputs of >= 32 MiB (glibc mmaps those afresh each time),
+    not for smaller ones, and not with HUGE_PAGES off."""
+    sizes = []
+    native = layers._native
+
+    class Spy:
+        def __getattr__(self, name):
+            real = getattr(native, name)
+            return (lambda p, nb: sizes.append(nb) or real(p, nb)) if name == "advise_huge" else real
+
+    monkeypatch.setattr(layers, "_native", Spy())
+    x = torch.zeros(1)
+    assert layers._fresh(x, 1024, 8192).shape == (1024, 8192)  # 32 MiB: down_proj's dx at 1,024 tokens
+    layers._fresh(x, 1024, 8191)
+    assert sizes == [32 << 20]
+    monkeypatch.setattr(layers, "HUGE_PAGES", False)
+    layers._fresh(x, 1024, 8192)
+    assert sizes == [32 << 20]
+
+
+@needs_native
 def test_fused_forward_refuses_bad_shapes():
     x = torch.zeros(8)
     with pytest.raises(ValueError, match="g dividing"):
