@@ -27,7 +27,8 @@
  *
  * io_forward fuses the interleave into a hand-written GEMM: a block of 48 tokens is transposed once
  * into a channel-major scratch tile (xt), after which a group's own channels and its interleaved
- * channels are both just rows of xt, and each output tile (AVX-512: 48 tokens x 8 outputs, 24
+ * channels are both just rows of xt (AVX2: the interleaved ones gathered per group into one
+ * contiguous run first), and each output tile (AVX-512: 48 tokens x 8 outputs, 24
  * accumulators; AVX2: 16 tokens x 6 outputs, 12) is fed by one pass over the group's 2c inputs.
  * No interleaved copy of x is written to memory and the two halves are one GEMM instead of two
  * (docs/speed.md has the measurements).
@@ -415,7 +416,8 @@ __attribute__((target("avx2,fma"))) static void uninterleave_add_avx2(const floa
 
 __attribute__((target("avx2,fma"))) static void io_forward_avx2(const float *x, const float *w, const float *bias,
                                                                 float *y, int64_t n0, int64_t n1, int64_t in,
-                                                                int64_t out, int64_t g, float *xt, float *wpad) {
+                                                                int64_t out, int64_t g, float *xt, float *xg,
+                                                                float *wpad) {
     const int64_t c = in / g, oc = out / g, k2 = 2 * c, nt = (oc + F2_OT - 1) / F2_OT;
     for (int64_t tb0 = n0; tb0 < n1; tb0 += F2_TB) {
         const int64_t nb = n1 - tb0 < F2_TB ? n1 - tb0 : F2_TB; /* tokens in this block */
@@ -435,6 +437,14 @@ __attribute__((target("avx2,fma"))) static void io_forward_avx2(const float *x, 
             }
         }
         for (int64_t k = 0; k < g; k++) {
+            /* xg: group k's interleaved rows gathered into one contiguous run (c x 192 bytes, L2-sized).
+               Read in place they sit g * 192 bytes apart (6 KiB for down_proj): few cache sets hold
+               them, and every one of the group's output tiles re-read them from L3. */
+            for (int64_t j = 0; j < c; j++) {
+                const float *s = xt + (j * g + k) * F2_TB;
+                float *d = xg + j * F2_TB;
+                for (int64_t t = 0; t < 16 * ns; t += 8) _mm256_store_ps(d + t, _mm256_load_ps(s + t));
+            }
             for (int64_t ot = 0; ot < nt; ot++) {
                 const int64_t ow = oc - ot * F2_OT < F2_OT ? oc - ot * F2_OT : F2_OT;
                 const float *wt = w + (k * oc + ot * F2_OT) * k2; /* F2_OT rows of the (g, oc, 2c) weight */
@@ -469,12 +479,8 @@ __attribute__((target("avx2,fma"))) static void io_forward_avx2(const float *x, 
                     const float *ao = xt + k * c * F2_TB + 16 * s;
                     for (int64_t j = 0; j < c; j++) F2_STEP(ao + j * F2_TB, j);
                     /* interleaved half: its channel j is channel j*g + k of x (the interleave, read in place) */
-                    const float *am = xt + k * F2_TB + 16 * s;
-                    for (int64_t j = 0; j < c; j++) {
-                        const float *p = am + j * g * F2_TB; /* one 64-byte line, g * 192 bytes after the last */
-                        _mm_prefetch((const char *)(p + 8 * g * F2_TB), _MM_HINT_T0);
-                        F2_STEP(p, c + j);
-                    }
+                    const float *am = xg + 16 * s;
+                    for (int64_t j = 0; j < c; j++) F2_STEP(am + j * F2_TB, c + j);
 #undef F2_STEP
                     const __m256 acc[F2_OT][F2_TV] = {{c00, c01}, {c10, c11}, {c20, c21}, {c30, c31}, {c40, c41}, {c50, c51}};
                     /* back to token-major: an 8 x 8 transpose of (outputs, 8 tokens), 6 outputs per token row */
@@ -718,14 +724,16 @@ static void io_forward_job(job_t *j) {
     const int64_t tb = wide ? FWD_TB : F2_TB, ot = wide ? FWD_OT : F2_OT;
     float *xt = aligned_alloc(64, sizeof(float) * (size_t)(in * tb)); /* in * tb * 4 is a multiple of 64 */
     float *wpad = malloc(sizeof(float) * (size_t)(ot * 2 * j->c));
-    if (xt == NULL || wpad == NULL) {
+    float *xg = wide ? NULL : aligned_alloc(64, sizeof(float) * (size_t)(j->c * tb)); /* c * 48 * 4: a multiple of 64 */
+    if (xt == NULL || wpad == NULL || (!wide && xg == NULL)) {
         j->failed = 1;
     } else if (wide) {
         io_forward_avx512(j->src, j->w, j->bias, j->dst, j->n0, j->n1, in, j->out, j->g, xt, wpad);
     } else {
-        io_forward_avx2(j->src, j->w, j->bias, j->dst, j->n0, j->n1, in, j->out, j->g, xt, wpad);
+        io_forward_avx2(j->src, j->w, j->bias, j->dst, j->n0, j->n1, in, j->out, j->g, xt, xg, wpad);
     }
     free(xt);
+    free(xg);
     free(wpad);
 #else
     j->failed = 1;
