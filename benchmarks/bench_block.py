@@ -34,9 +34,6 @@ forced on every shape (``FUSED_MAX_OUT_PER_GROUP`` lifted; the fused input gradi
 default picks between the two by the group width, and these sides show what each would give.
 ``--unfused-dx`` adds the block with ``gpconv.layers.FUSED_BACKWARD = False`` (the backward's
 input gradient as two MKL GEMMs + the un-interleaving add instead of one io_dx call).
-``--small-pages`` adds the block with ``gpconv.layers.HUGE_PAGES = False``: its fresh outputs of
-32 MiB or more (down_proj's dx at 1,024 tokens) then page-fault 4 KiB at a time, as the dense
-layer's do (torch's default; ``THP_MEM_ALLOC_ENABLE=1`` in the environment changes that for both).
 """
 
 from __future__ import annotations
@@ -117,7 +114,6 @@ VARIANTS = {  # extra sides: the same block under other gpconv.layers settings
     "two-gemm": dict(FUSED_FORWARD=False),
     "fused": dict(FUSED_MAX_OUT_PER_GROUP=1 << 30),
     "unfused-dx": dict(FUSED_BACKWARD=False),
-    "small-pages": dict(HUGE_PAGES=False),
 }
 
 
@@ -255,8 +251,6 @@ def main(argv=None) -> int:
     ap.add_argument("--unfused-dx", action="store_true",
                     help="also time the block with the backward's input gradient as two MKL GEMMs + the "
                          "un-interleaving add instead of the fused io_dx kernel")
-    ap.add_argument("--small-pages", action="store_true",
-                    help="also time the block without huge pages under its fresh outputs (gpconv.layers.HUGE_PAGES)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--json", default=None, help="write rows + machine info to this file")

@@ -10,6 +10,7 @@
  *                                             block's low-rank term (x A^T) B^T
  *   io_dx(dy, w, dx, n, in, out, g)           dx (n, in) = the block's input gradient, dY W_own +
  *                                             un-interleave(dY W_mixed) (AVX2 code on every x86 CPU with AVX2)
+ *   io_dw(x, dy, dw, n, in, out, g)           dW (g, out/g, 2 in/g) = the block's weight gradient (AVX2 code)
  *
  * The first two are the interleave of the kphi-3 block: channel i*g + k of a token is channel k*c + i of its
  * interleaved copy. torch does them as a strided elementwise copy, one scalar load per element at
@@ -42,9 +43,6 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __linux__
-#include <sys/mman.h>
-#endif
 
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
 #define GPCONV_X86 1
@@ -55,7 +53,7 @@ typedef struct {
     const float *src;
     float *dst;
     int64_t n0, n1, n, c, g;
-    int kind; /* 0 interleave, 1 uninterleave_add, 2 io_forward, 3 io_small, 4 io_dx */
+    int kind; /* 0 interleave, 1 uninterleave_add, 2 io_forward, 3 io_small, 4 io_dx, 5 io_dw */
     int grouped; /* interleave: write (g, n, c) instead of (n, g, c) */
     const float *w, *bias; /* io_forward only */
     int64_t out;
@@ -600,6 +598,123 @@ __attribute__((target("avx2,fma"))) static void io_dx_avx2(const float *dy, cons
     }
 }
 
+/* io_dw: the weight gradient of the io block, dW[k] (oc, 2c) = dY_k^T [x own_k | x interleaved_k],
+   for groups k0..k1 (threads split the groups, so no two write the same rows). Per block of F2_TB
+   tokens x is transposed into the channel-major xt as in io_forward (the group's interleaved rows
+   gathered into xg), and the group's slice of dY copied into dyg (F2_TB, ocp), rows padded with
+   zeros to a multiple of 16 outputs. Each tile is 6 input channels x 16 outputs: per token, 2
+   vectors of dyg (outputs) against 6 broadcasts from the 6 channel rows, 12 accumulators that
+   live in acc (vector-tile layout) between token blocks and go back to dW's (oc, 2c) rows once,
+   through 8 x 8 transposes, at the end. */
+__attribute__((target("avx2,fma"))) static void io_dw_avx2(const float *x, const float *dy, float *dw, int64_t n,
+                                                           int64_t in, int64_t out, int64_t g, int64_t k0, int64_t k1,
+                                                           float *xt, float *xg, float *dyg, float *acc) {
+    const int64_t c = in / g, oc = out / g, k2 = 2 * c;
+    const int64_t ntj = (k2 + F2_OT - 1) / F2_OT, nto = (oc + 15) / 16, ocp = 16 * nto;
+    const int64_t per_group = ntj * nto * 96; /* floats of acc per group: 12 vectors per tile */
+    if (n == 0) memset(acc, 0, sizeof(float) * (size_t)((k1 - k0) * per_group)); /* no tokens: dW = 0 */
+    for (int64_t tb0 = 0; tb0 < n; tb0 += F2_TB) {
+        const int64_t nb = n - tb0 < F2_TB ? n - tb0 : F2_TB;
+        const int64_t nbp = (nb + 7) / 8 * 8; /* tokens as the transposes write them (the rest zeros) */
+        for (int64_t t0 = 0; t0 < nbp; t0 += 8) { /* xt[ch][t] = x[tb0 + t][ch] */
+            for (int64_t ch0 = 0; ch0 < in; ch0 += 8) {
+                const int chw = (int)(in - ch0 < 8 ? in - ch0 : 8);
+                const __m256i m = lanes8(chw);
+                __m256 r[8];
+                for (int j = 0; j < 8; j++) {
+                    const float *p = x + (tb0 + t0 + j) * in + ch0;
+                    r[j] = t0 + j >= nb ? _mm256_setzero_ps() : chw == 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, m);
+                }
+                transpose8(r);
+                for (int j = 0; j < chw; j++) _mm256_store_ps(xt + (ch0 + j) * F2_TB + t0, r[j]);
+            }
+        }
+        for (int64_t k = k0; k < k1; k++) {
+            for (int64_t j = 0; j < c; j++) { /* the interleaved rows of group k, contiguous */
+                const float *s = xt + (j * g + k) * F2_TB;
+                float *d = xg + j * F2_TB;
+                for (int64_t t = 0; t < nbp; t += 8) _mm256_store_ps(d + t, _mm256_load_ps(s + t));
+            }
+            for (int64_t t = 0; t < nb; t++) { /* dyg[t] = dy[tb0 + t][k*oc : k*oc + oc], zero-padded */
+                memcpy(dyg + t * ocp, dy + (tb0 + t) * out + k * oc, sizeof(float) * oc);
+                memset(dyg + t * ocp + oc, 0, sizeof(float) * (ocp - oc));
+            }
+            float *ak = acc + (k - k0) * per_group;
+            for (int64_t jt = 0; jt < ntj; jt++) {
+                const float *rows[F2_OT]; /* the tile's 6 input channels: own rows of xt, then xg */
+                for (int i = 0; i < F2_OT; i++) {
+                    int64_t jj = jt * F2_OT + i;
+                    if (jj >= k2) jj = k2 - 1; /* past the last channel: any valid row, never stored */
+                    rows[i] = jj < c ? xt + (k * c + jj) * F2_TB : xg + (jj - c) * F2_TB;
+                }
+                const float *r0 = rows[0], *r1 = rows[1], *r2 = rows[2], *r3 = rows[3], *r4 = rows[4], *r5 = rows[5];
+                for (int64_t ot = 0; ot < nto; ot++) {
+                    float *at = ak + (jt * nto + ot) * 96;
+                    __m256 c00, c01, c10, c11, c20, c21, c30, c31, c40, c41, c50, c51;
+                    if (tb0 == 0) {
+                        c00 = _mm256_setzero_ps(), c01 = c00, c10 = c00, c11 = c00, c20 = c00, c21 = c00;
+                        c30 = c00, c31 = c00, c40 = c00, c41 = c00, c50 = c00, c51 = c00;
+                    } else {
+                        c00 = _mm256_load_ps(at), c01 = _mm256_load_ps(at + 8), c10 = _mm256_load_ps(at + 16);
+                        c11 = _mm256_load_ps(at + 24), c20 = _mm256_load_ps(at + 32), c21 = _mm256_load_ps(at + 40);
+                        c30 = _mm256_load_ps(at + 48), c31 = _mm256_load_ps(at + 56), c40 = _mm256_load_ps(at + 64);
+                        c41 = _mm256_load_ps(at + 72), c50 = _mm256_load_ps(at + 80), c51 = _mm256_load_ps(at + 88);
+                    }
+                    const float *a = dyg + ot * 16;
+                    for (int64_t t = 0; t < nb; t++, a += ocp) {
+                        const __m256 a0 = _mm256_load_ps(a), a1 = _mm256_load_ps(a + 8);
+                        __m256 b = _mm256_broadcast_ss(r0 + t);
+                        c00 = _mm256_fmadd_ps(a0, b, c00), c01 = _mm256_fmadd_ps(a1, b, c01);
+                        b = _mm256_broadcast_ss(r1 + t);
+                        c10 = _mm256_fmadd_ps(a0, b, c10), c11 = _mm256_fmadd_ps(a1, b, c11);
+                        b = _mm256_broadcast_ss(r2 + t);
+                        c20 = _mm256_fmadd_ps(a0, b, c20), c21 = _mm256_fmadd_ps(a1, b, c21);
+                        b = _mm256_broadcast_ss(r3 + t);
+                        c30 = _mm256_fmadd_ps(a0, b, c30), c31 = _mm256_fmadd_ps(a1, b, c31);
+                        b = _mm256_broadcast_ss(r4 + t);
+                        c40 = _mm256_fmadd_ps(a0, b, c40), c41 = _mm256_fmadd_ps(a1, b, c41);
+                        b = _mm256_broadcast_ss(r5 + t);
+                        c50 = _mm256_fmadd_ps(a0, b, c50), c51 = _mm256_fmadd_ps(a1, b, c51);
+                    }
+                    _mm256_store_ps(at, c00), _mm256_store_ps(at + 8, c01), _mm256_store_ps(at + 16, c10);
+                    _mm256_store_ps(at + 24, c11), _mm256_store_ps(at + 32, c20), _mm256_store_ps(at + 40, c21);
+                    _mm256_store_ps(at + 48, c30), _mm256_store_ps(at + 56, c31), _mm256_store_ps(at + 64, c40);
+                    _mm256_store_ps(at + 72, c41), _mm256_store_ps(at + 80, c50), _mm256_store_ps(at + 88, c51);
+                }
+            }
+        }
+    }
+    /* acc -> dW: tile (jt, ot) holds, for channel i of the tile, outputs ot*16 .. +16 as 2 vectors */
+    for (int64_t k = k0; k < k1; k++) {
+        const float *ak = acc + (k - k0) * per_group;
+        float *wk = dw + k * oc * k2;
+        for (int64_t jt = 0; jt < ntj; jt++) {
+            const int64_t j0 = jt * F2_OT, cw = k2 - j0 < F2_OT ? k2 - j0 : F2_OT;
+            for (int64_t ot = 0; ot < nto; ot++) {
+                const float *at = ak + (jt * nto + ot) * 96;
+                for (int v = 0; v < 2; v++) {
+                    __m256 r[8];
+                    for (int i = 0; i < 8; i++) r[i] = i < F2_OT ? _mm256_load_ps(at + (2 * i + v) * 8) : _mm256_setzero_ps();
+                    transpose8(r); /* r[q]: channels j0 .. j0 + 5 of output ot*16 + 8v + q */
+                    for (int q = 0; q < 8; q++) {
+                        const int64_t o = ot * 16 + 8 * v + q;
+                        if (o >= oc) break;
+                        float *p = wk + o * k2 + j0;
+                        if (cw == F2_OT) {
+                            _mm_storeu_ps(p, _mm256_castps256_ps128(r[q]));
+                            _mm_storel_pi((__m64 *)(p + 4), _mm256_extractf128_ps(r[q], 1));
+                        } else {
+                            float tmp[8];
+                            _mm256_storeu_ps(tmp, r[q]);
+                            for (int i = 0; i < cw; i++) p[i] = tmp[i];
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
 /* The low-rank term of a hybrid block at decode, y += (x A^T) B^T with A (r, in), B (out, r): two
    thin GEMVs that torch runs as two calls of ~10 us each around ~2 us of arithmetic (SmolLM2 at
    -m 64, rank 28). AVX2 code, used on AVX-512 CPUs too (they all have AVX2 + FMA). */
@@ -757,7 +872,33 @@ static void io_dx_job(job_t *j) {
 #endif
 }
 
+static void io_dw_job(job_t *j) {
+#ifdef GPCONV_X86
+    /* here n0..n1 range over groups; src = x, lr_u = dY (see py_io_dw) */
+    const int64_t in = j->c * j->g, oc = j->out / j->g, k2 = 2 * j->c;
+    const int64_t ntj = (k2 + F2_OT - 1) / F2_OT, nto = (oc + 15) / 16;
+    float *xt = aligned_alloc(64, sizeof(float) * (size_t)(in * F2_TB));
+    float *xg = aligned_alloc(64, sizeof(float) * (size_t)(j->c * F2_TB));
+    float *dyg = aligned_alloc(64, sizeof(float) * (size_t)(F2_TB * 16 * nto));
+    float *acc = aligned_alloc(64, sizeof(float) * (size_t)((j->n1 - j->n0) * ntj * nto * 96 + 16));
+    if (xt == NULL || xg == NULL || dyg == NULL || acc == NULL)
+        j->failed = 1;
+    else if (j->n1 > j->n0)
+        io_dw_avx2(j->src, j->lr_u, j->dst, j->n, in, j->out, j->g, j->n0, j->n1, xt, xg, dyg, acc);
+    free(xt);
+    free(xg);
+    free(dyg);
+    free(acc);
+#else
+    j->failed = 1;
+#endif
+}
+
 static void run_job(job_t *j) {
+    if (j->kind == 5) {
+        io_dw_job(j);
+        return;
+    }
     if (j->kind == 4) {
         io_dx_job(j);
         return;
@@ -804,7 +945,7 @@ static void *thread_main(void *arg) {
 /* Split tokens over `threads` workers (the caller's thread is one of them); returns 0, or -1 if a
    worker failed (out of memory, or io_forward without AVX-512). */
 static int run_split(job_t proto, int threads) {
-    const int64_t n = proto.kind == 3 ? proto.g : proto.n; /* io_small splits groups, the rest tokens */
+    const int64_t n = proto.kind == 3 || proto.kind == 5 ? proto.g : proto.n; /* io_small, io_dw: groups */
     if (threads < 1) threads = 1;
     if (threads > MAX_THREADS) threads = MAX_THREADS;
     if (threads > n) threads = (int)(n > 0 ? n : 1);
@@ -944,20 +1085,27 @@ static PyObject *py_io_dx(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
-/* Ask Linux for transparent huge pages under a fresh output buffer, before anything touches it.
-   torch's CPU allocator hands out multi-MB tensors as fresh mmap-ed memory, page-faulted 4 KiB at
-   a time on the first write: ~16-19 ms for one 32 MB tensor (8,192 faults; docs/speed.md), a third
-   of down_proj's io_dx at 1,024 tokens. With huge pages it is a few dozen 2 MiB faults. Only the
-   2 MiB-aligned inside of the range is advised; a no-op where THP is off or unsupported. */
-static PyObject *py_advise_huge(PyObject *self, PyObject *args) {
-    unsigned long long ptr, nbytes;
-    if (!PyArg_ParseTuple(args, "KK", &ptr, &nbytes)) return NULL;
-    int rc = -1;
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-    const unsigned long long huge = 2ull << 20, lo = (ptr + huge - 1) / huge * huge, hi = (ptr + nbytes) / huge * huge;
-    if (hi > lo) rc = madvise((void *)(uintptr_t)lo, (size_t)(hi - lo), MADV_HUGEPAGE);
-#endif
-    return PyLong_FromLong(rc);
+static PyObject *py_io_dw(PyObject *self, PyObject *args) {
+    unsigned long long x, dy, dw;
+    long long n, in, out, g;
+    int threads = 1;
+    if (!PyArg_ParseTuple(args, "KKKLLLL|i", &x, &dy, &dw, &n, &in, &out, &g, &threads)) return NULL;
+    if (n < 0 || g < 1 || in < g || out < g || in % g || out % g) {
+        PyErr_SetString(PyExc_ValueError, "gpconv._native.io_dw: need n >= 0 and g dividing in and out");
+        return NULL;
+    }
+    if (isa_level < ISA_AVX2) {
+        PyErr_SetString(PyExc_RuntimeError, "gpconv._native.io_dw needs AVX2 + FMA");
+        return NULL;
+    }
+    job_t proto = {(const float *)(uintptr_t)x, (float *)(uintptr_t)dw, 0, 0, n, in / g, g, 5, 0, NULL, NULL, out, 0,
+                   NULL, (const float *)(uintptr_t)dy, 0};
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = run_split(proto, threads);
+    Py_END_ALLOW_THREADS
+    if (rc) return PyErr_NoMemory();
+    Py_RETURN_NONE;
 }
 
 static const char *isa_names[] = {"portable", "avx2", "avx512"};
@@ -1000,9 +1148,9 @@ static PyMethodDef methods[] = {
      "io_dx(dy_ptr, w_ptr, dx_ptr, n, in, out, g, threads=1): float32 dx (n, in) = the io block's input gradient "
      "for dy (n, out) and weight (g, out/g, 2*in/g), written (not added); needs AVX2 + FMA (AVX-512 CPUs run the "
      "AVX2 code)."},
-    {"advise_huge", py_advise_huge, METH_VARARGS,
-     "advise_huge(ptr, nbytes) -> int: madvise(MADV_HUGEPAGE) on the 2 MiB-aligned inside of a fresh buffer "
-     "(0 on success, -1 where nothing was advised)."},
+    {"io_dw", py_io_dw, METH_VARARGS,
+     "io_dw(x_ptr, dy_ptr, dw_ptr, n, in, out, g, threads=1): float32 dW (g, out/g, 2*in/g) = the io block's weight "
+     "gradient for x (n, in) and dy (n, out), written (not added); threads split the groups; needs AVX2 + FMA."},
     {"isa", py_isa, METH_NOARGS, "isa() -> 'avx512' | 'avx2' | 'portable': which kernels run (the best this CPU has)."},
     {"set_isa", py_set_isa, METH_VARARGS,
      "set_isa(name) -> str: run the kernels of 'avx512', 'avx2' or 'portable' (at most what the CPU has); "

@@ -434,10 +434,12 @@ interleave + GEMM, instead of an interleaved copy and two MKL GEMMs (docs/speed.
 consulted when :data:`NATIVE` is on."""
 
 FUSED_BACKWARD = True
-"""CPU float32 with AVX2 (AVX-512 CPUs run the same AVX2 code): compute the io block's input
-gradient as gpconv._native.io_dx, one fused GEMM + un-interleave, instead of two MKL GEMMs, a
-(g, N, c) intermediate and an un-interleaving add (docs/speed.md); groups of at most
-:data:`FUSED_MAX_OUT_PER_GROUP` outputs. Only consulted when :data:`NATIVE` is on."""
+"""CPU float32 with AVX2 (AVX-512 CPUs run the same AVX2 code), groups of at most
+:data:`FUSED_MAX_OUT_PER_GROUP` outputs: compute the io block's gradients by two C kernels,
+gpconv._native.io_dx (dx: one fused GEMM + un-interleave, instead of two MKL GEMMs, a (g, N, c)
+intermediate and an un-interleaving add) and io_dw (dW: both halves from x and dY as they are,
+instead of a transposed dY, an interleaved copy of x and two MKL GEMMs); docs/speed.md. Only
+consulted when :data:`NATIVE` is on."""
 
 FUSED_MAX_OUT_PER_GROUP = 192
 """The fused forward only for groups of at most this many outputs. It re-reads a 48-token slice
@@ -467,28 +469,6 @@ def _fused_ok(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
     return weight.shape[1] <= FUSED_MAX_OUT_PER_GROUP and _kernels_ok(x, weight, bias)
 
 
-HUGE_PAGES = True
-"""Linux, CPU, with gpconv._native: ask for transparent huge pages under the io block's fresh
-outputs (y, dx, dW) of 32 MiB or more before they are written. glibc serves allocations that
-large by a fresh mmap every time (smaller ones, after the first, come from its recycled heap),
-and the kernel page-faults them 4 KiB at a time on first write: a fresh 32 MB tensor took
-25 ms to fill against 2.3 ms for one already touched, and 5.8 ms with huge pages (Zen 3 VM,
-2026-12-01; docs/speed.md). Phi-3's down_proj at 1,024 tokens has exactly such a dx. A no-op
-where THP is off; set False if huge-page faults stall on a fragmented machine. (torch's own
-``THP_MEM_ALLOC_ENABLE=1`` does the same for every large tensor of the process.)"""
-
-_HUGE_MIN_BYTES = 32 << 20  # glibc's largest mmap threshold: below it freed memory is reused, no faults
-
-
-def _fresh(like: torch.Tensor, *shape: int) -> torch.Tensor:
-    """An uninitialised output of ``shape`` like ``like``, on huge pages where that helps (HUGE_PAGES)."""
-    t = like.new_empty(shape)
-    nbytes = t.numel() * t.element_size()
-    if HUGE_PAGES and nbytes >= _HUGE_MIN_BYTES and t.device.type == "cpu" and NATIVE and _native is not None:
-        _native.advise_huge(t.data_ptr(), nbytes)
-    return t
-
-
 def _fused_dx_ok(dy: torch.Tensor, weight: torch.Tensor) -> bool:
     return (FUSED_BACKWARD and weight.shape[1] <= FUSED_MAX_OUT_PER_GROUP and _native_ok(dy, weight)
             and _native.isa() != "portable")
@@ -500,7 +480,7 @@ def _io_native(x: torch.Tensor, weight: torch.Tensor, bias, small: bool = False,
     contiguous float32: the kernel adds the hybrid's low-rank term too."""
     n, i = x.shape
     g, oc, _ = weight.shape
-    y = _fresh(x, n, g * oc)
+    y = x.new_empty(n, g * oc)
     kernel = _native.io_small if small else _native.io_forward
     if lowrank is None:
         lr = ()
@@ -599,7 +579,7 @@ def _io_bmm(x: torch.Tensor, weight: torch.Tensor, bias, xi: torch.Tensor) -> to
     own = x.view(n, g, c).transpose(0, 1)  # (N, in) -> (N, g, c) -> (g, N, c): read in place
     w_own, w_mixed = weight[:, :, :c].transpose(1, 2), weight[:, :, c:].transpose(1, 2)  # (g, c, oc) each
     if _strided_out():
-        y = _fresh(x, n, g * oc)
+        y = x.new_empty(n, g * oc)
         yg = y.view(n, g, oc).transpose(0, 1)  # (N, out) -> (g, N, oc), a view: GEMMs write y itself
         torch.bmm(own, w_own, out=yg)
         yg.baddbmm_(xi.transpose(0, 1), w_mixed)  # += (g, N, c) @ (g, c, oc)
@@ -651,17 +631,20 @@ class _IOBlockCPU(torch.autograd.Function):
         dyg = dy_c.view(n, g, oc).transpose(0, 1)  # (N, out) -> (g, N, oc), a view
         dx = dw = db = None
         if ctx.needs_input_grad[0] and _fused_dx_ok(dy_c, weight):
-            dx = _fresh(x, n, i)  # the whole input gradient in one C call: no (g, N, c) intermediate
+            dx = x.new_empty(n, i)  # the whole input gradient in one C call: no (g, N, c) intermediate
             _native.io_dx(dy_c.data_ptr(), weight.data_ptr(), dx.data_ptr(), n, i, g * oc, g, _threads())
         elif ctx.needs_input_grad[0]:
             if strided:
-                dx = _fresh(x, n, i)
+                dx = torch.empty_like(x)
                 torch.bmm(dyg, weight[:, :, :c], out=dx.view(n, g, c).transpose(0, 1))  # written as (N, g, c)
             else:
                 dx = torch.bmm(dyg, weight[:, :, :c]).transpose(0, 1).reshape(n, i)  # (g, N, c) -> (N, in)
             d_mixed = torch.bmm(dyg, weight[:, :, c:], out=_scratch((g, n, c), x, "d_mixed"))  # (g, N, oc) @ (g, oc, c)
             _uninterleave_add(dx, d_mixed)
-        if ctx.needs_input_grad[1]:
+        if ctx.needs_input_grad[1] and _fused_dx_ok(dy_c, weight) and _native_ok(x):
+            dw = weight.new_empty(g, oc, k)  # both halves in one C call, from x and dY as they are
+            _native.io_dw(x.data_ptr(), dy_c.data_ptr(), dw.data_ptr(), n, i, g * oc, g, _threads())
+        elif ctx.needs_input_grad[1]:
             own = x.view(n, g, c).transpose(0, 1)  # (g, N, c)
             if oc <= _DW_CONTIGUOUS_MAX_OUT and _native_ok(x, dy_c):
                 # both dW GEMMs on contiguous operands: dY^T as its own (g, oc, N) array and the
@@ -675,7 +658,7 @@ class _IOBlockCPU(torch.autograd.Function):
                 dyt = dyg.transpose(1, 2)  # (g, oc, N)
                 xi = _interleave_into(x, _scratch((n, g, c), x)).transpose(0, 1)  # (N, g, c) -> (g, N, c)
             if strided:
-                dw = _fresh(weight, g, oc, k)
+                dw = weight.new_empty(g, oc, k)
                 torch.bmm(dyt, own, out=dw[:, :, :c])
                 torch.bmm(dyt, xi, out=dw[:, :, c:])
             else:  # small: (g, oc, 2c) is the size of the weight

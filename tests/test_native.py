@@ -121,8 +121,9 @@ def test_bad_arguments_raise():
 def test_block_with_and_without_native_is_bit_equal(monkeypatch, n_in, n_out, g, threads):
     """The io block's many-token CPU paths (inference and the hand-written backward) give the same
     bits with the native copy kernels as with torch's copies: only the data movement differs.
-    (The fused forward sums in another order: tested against the dense map below.)"""
+    (The fused kernels sum in another order: tested against the dense map below.)"""
     monkeypatch.setattr(layers, "FUSED_FORWARD", False)
+    monkeypatch.setattr(layers, "FUSED_BACKWARD", False)
     torch.manual_seed(0)
     block = GroupedPointwiseBlock(n_in, n_out, g, bias=True)
     x = torch.randn(2, 150, n_in)  # 300 tokens: the many-token path
@@ -223,15 +224,39 @@ def test_io_dx_is_the_blocks_input_gradient(block_isa, n_in, n_out, g, n, thread
     torch.testing.assert_close(dx.double(), ref, rtol=1e-5, atol=1e-5)
 
 
+def _weight_grad_ref(x, dy, g):
+    """dW of the io block by autograd through plain torch ops (the interleave as a strided view)."""
+    n, n_in = x.shape
+    c = n_in // g
+    z = torch.cat([x.view(n, g, c), x.view(n, c, g).transpose(1, 2)], dim=2).double()  # (N, g, 2c)
+    return torch.einsum("nko,nkj->koj", dy.double().view(n, g, dy.shape[1] // g), z)  # (g, oc, 2c)
+
+
+@needs_block_kernels
+@pytest.mark.parametrize("n_in, n_out, g", FUSED_SHAPES)
+@pytest.mark.parametrize("n", [0, 1, 7, 15, 16, 17, 47, 48, 49, 130])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_io_dw_is_the_blocks_weight_gradient(block_isa, n_in, n_out, g, n, threads):
+    """io_dw writes dY_k^T [x own | x interleaved] for every group, every element (the output
+    starts as NaN; no tokens -> zeros), across the 48-token blocks it accumulates over."""
+    torch.manual_seed(n)
+    x, dy = torch.randn(n, n_in), torch.randn(n, n_out)
+    dw = torch.full((g, n_out // g, 2 * n_in // g), float("nan"))
+    layers._native.io_dw(x.data_ptr(), dy.data_ptr(), dw.data_ptr(), n, n_in, n_out, g, threads)
+    torch.testing.assert_close(dw.double(), _weight_grad_ref(x, dy, g), rtol=1e-5, atol=1e-4)
+
+
 @needs_native
-def test_io_dx_refuses_bad_shapes_and_missing_isa():
+@pytest.mark.parametrize("kernel", ["io_dx", "io_dw"])
+def test_gradient_kernels_refuse_bad_shapes_and_missing_isa(kernel):
     x = torch.zeros(8)
+    fn = getattr(layers._native, kernel)
     with pytest.raises(ValueError, match="g dividing"):
-        layers._native.io_dx(x.data_ptr(), x.data_ptr(), x.data_ptr(), 1, 6, 4, 4)
+        fn(x.data_ptr(), x.data_ptr(), x.data_ptr(), 1, 6, 4, 4)
     before = layers._native.set_isa("portable")
     try:
         with pytest.raises(RuntimeError, match="AVX2"):
-            layers._native.io_dx(x.data_ptr(), x.data_ptr(), x.data_ptr(), 1, 2, 2, 1)
+            fn(x.data_ptr(), x.data_ptr(), x.data_ptr(), 1, 2, 2, 1)
     finally:
         layers._native.set_isa(before)
 
@@ -279,6 +304,10 @@ def test_kernels_write_only_their_output(isa, n_in, n_out, g, n):
     layers._native.io_dx(dy.data_ptr(), w.data_ptr(), dx.data_ptr(), n, n_in, n_out, g, 2)
     assert _guards_intact(buf)
     assert torch.isfinite(dx).all() and not (dx == 12345.0).any()
+    buf, dw = _guarded(w.numel())
+    layers._native.io_dw(x.data_ptr(), dy.data_ptr(), dw.data_ptr(), n, n_in, n_out, g, 2)
+    assert _guards_intact(buf)
+    assert torch.isfinite(dw).all() and not (dw == 12345.0).any()
 
 
 @needs_block_kernels
@@ -321,16 +350,17 @@ def test_fused_forward_runs_in_the_block_and_in_training(monkeypatch, one_thread
 
 
 @needs_block_kernels
-def test_fused_input_gradient_runs_in_training(monkeypatch, one_thread, block_isa):
-    """The backward takes io_dx for narrow groups (not for wide ones, not with FUSED_BACKWARD off,
-    not when x needs no gradient), and every route gives the same gradients."""
+def test_fused_gradients_run_in_training(monkeypatch, one_thread, block_isa):
+    """The backward takes io_dx and io_dw for narrow groups (not for wide ones, not with
+    FUSED_BACKWARD off; each only for the gradient that is needed), and every route gives the
+    same gradients."""
     calls = []
     native = layers._native
 
     class Spy:
         def __getattr__(self, name):
             real = getattr(native, name)
-            return (lambda *a: calls.append(a) or real(*a)) if name == "io_dx" else real
+            return (lambda *a: calls.append(name) or real(*a)) if name in ("io_dx", "io_dw") else real
 
     monkeypatch.setattr(layers, "_native", Spy())
     torch.manual_seed(0)
@@ -345,54 +375,25 @@ def test_fused_input_gradient_runs_in_training(monkeypatch, one_thread, block_is
         return [x.grad] + [p.grad.clone() for p in block.parameters()]
 
     fused = grads()
-    assert len(calls) == 1
+    assert sorted(calls) == ["io_dw", "io_dx"]
     monkeypatch.setattr(layers, "FUSED_BACKWARD", False)
     unfused = grads()
-    assert len(calls) == 1
+    assert len(calls) == 2
     monkeypatch.setattr(layers, "FUSED_BACKWARD", True)
     monkeypatch.setattr(layers, "FUSED_MAX_OUT_PER_GROUP", 31)  # 32 outputs per group: too wide now
     wide = grads()
-    assert len(calls) == 1
+    assert len(calls) == 2
     for a, b, c in zip(fused, unfused, wide):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)
     monkeypatch.setattr(layers, "FUSED_MAX_OUT_PER_GROUP", 192)
-    block(x0).backward(dy)  # x needs no gradient: only dW, no io_dx
-    assert len(calls) == 1
-
-
-@needs_native
-def test_advise_huge_leaves_the_buffer_usable():
-    """advise_huge only changes how pages are backed: a 36 MiB buffer advised before its first
-    write holds what is written; a range with no 2 MiB-aligned inside is left alone (-1)."""
-    buf = torch.empty(9 << 20)
-    assert layers._native.advise_huge(buf.data_ptr(), buf.numel() * 4) in (0, -1)
-    buf.copy_(torch.arange(buf.numel(), dtype=torch.float32))
-    assert buf[12345].item() == 12345.0 and buf[-1].item() == float(buf.numel() - 1)
-    small = torch.empty(1000)
-    assert layers._native.advise_huge(small.data_ptr(), small.numel() * 4) == -1
-
-
-@needs_native
-def test_fresh_outputs_advise_huge_pages_only_when_large(monkeypatch):
-    """_fresh asks for huge pages for outputs of >= 32 MiB (glibc mmaps those afresh each time),
-    not for smaller ones, and not with HUGE_PAGES off."""
-    sizes = []
-    native = layers._native
-
-    class Spy:
-        def __getattr__(self, name):
-            real = getattr(native, name)
-            return (lambda p, nb: sizes.append(nb) or real(p, nb)) if name == "advise_huge" else real
-
-    monkeypatch.setattr(layers, "_native", Spy())
-    x = torch.zeros(1)
-    assert layers._fresh(x, 1024, 8192).shape == (1024, 8192)  # 32 MiB: down_proj's dx at 1,024 tokens
-    layers._fresh(x, 1024, 8191)
-    assert sizes == [32 << 20]
-    monkeypatch.setattr(layers, "HUGE_PAGES", False)
-    layers._fresh(x, 1024, 8192)
-    assert sizes == [32 << 20]
+    block.zero_grad()
+    block(x0).backward(dy)  # x needs no gradient: dW only
+    assert calls[2:] == ["io_dw"]
+    block.requires_grad_(False)
+    x = x0.clone().requires_grad_(True)
+    block(x).backward(dy)  # frozen block (e.g. only a low-rank term or other layers train): dx only
+    assert calls[3:] == ["io_dx"]
 
 
 @needs_native
