@@ -109,6 +109,25 @@ def test_bench_block_times_every_side(tmp_path):
     assert rep["machine"]["native"] == gpconv.layers.native_status()
 
 
+@pytest.mark.skipif(gpconv.layers._native is None or gpconv.layers._native.isa() == "portable",
+                    reason="the gradient kernels need gpconv._native on an AVX2 CPU")
+def test_bench_backward_times_both_gradients(tmp_path, capsys):
+    """bench_backward.py checks the fused and unfused gradients agree, then times both, per shape."""
+    import json
+
+    bench = _script("bench_backward")
+    out = tmp_path / "bwd.json"
+    assert bench.main(["--shapes", "a=96:72:12", "b=64:24:64", "--tokens", "50", "--reps", "2", "--threads", "1",
+                       "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["shape"], r["grad"], r["groups"]) for r in rows] == [("a", "dx", 8), ("a", "dW", 8), ("b", "dx", 1),
+                                                                   ("b", "dW", 1)]
+    for r in rows:
+        assert len(r["samples_ms"]["fused"]) == 2 and r["fused_ms"] > 0 and r["unfused_ms"] > 0
+    with pytest.raises(SystemExit, match="bad --shapes entry"):
+        bench.main(["--shapes", "a=96:72"])
+
+
 def test_bench_block_takes_other_shapes(tmp_path, capsys):
     """--shapes NAME=IN:OUT times any layer shape (groups from --min-channels-per-group); a
     malformed one is one clear line and exit code 2."""
