@@ -13,7 +13,13 @@ tokens (``--tokens``) it times, interleaved, ``--reps`` times, on the same rando
   and the two ``bmm`` into dW's halves.
 
 Outputs are preallocated on both sides (no page faults in either), and the script checks that
-both sides give the same result before timing. It prints medians and the median of the
+both sides give the same result before timing.
+
+``--model MODEL`` instead times whole training steps (forward, cross-entropy on random tokens,
+backward; ``--batch`` x ``--seq`` tokens) of MODEL shrunk with ``-m --mcpg``, alternating
+``gpconv.layers.FUSED_BACKWARD`` on and off, and the dense original's step for scale:
+
+    python benchmarks/bench_backward.py --model smollm2-135m-instruct --mcpg 64 --threads 1 It prints medians and the median of the
 per-sample ratios (fused / unfused: below 1 is faster). Needs gpconv._native on an AVX2 CPU.
 gpconv routes groups of up to ``FUSED_MAX_OUT_PER_GROUP`` (192) outputs to the kernels; wider
 shapes are listed to show why.
@@ -109,6 +115,35 @@ def case(n: int, n_in: int, n_out: int, g: int, threads: int, reps: int) -> list
     return rows
 
 
+def model_steps(spec: str, mcpg: int, batch: int, seq: int, reps: int) -> dict:
+    """Training-step times of ``spec`` shrunk at ``mcpg``, gradient kernels on and off, and dense."""
+    import gpconv
+
+    dense, _ = gpconv.load_model(spec)
+    student, _ = gpconv.load_model(spec)
+    gpconv.shrink(student, gpconv.GPConvConfig(min_channels_per_group=mcpg))
+    ids = torch.randint(0, dense.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+
+    def step(model):
+        model.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+
+    def with_backward(on):
+        def run():
+            before = layers.FUSED_BACKWARD
+            layers.FUSED_BACKWARD = on
+            try:
+                step(student)
+            finally:
+                layers.FUSED_BACKWARD = before
+        return run
+
+    s = _time({"fused": with_backward(True), "unfused": with_backward(False), "dense": lambda: step(dense)}, reps)
+    return dict(model=spec, mcpg=mcpg, tokens=batch * seq, samples_ms=s,
+                **{f"{k}_ms": statistics.median(v) for k, v in s.items()},
+                ratio=statistics.median(f / u for f, u in zip(s["fused"], s["unfused"])))
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", nargs="+", default=None, metavar="NAME=IN:OUT:MCPG",
@@ -117,6 +152,10 @@ def main(argv=None) -> int:
     ap.add_argument("--reps", type=int, default=9, help="interleaved samples per side (median kept)")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--json", default=None, help="write rows + machine info to this file")
+    ap.add_argument("--model", default=None, help="time whole training steps of this model instead (see above)")
+    ap.add_argument("--mcpg", type=int, default=64, help="--model: min_channels_per_group of the shrink")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
     args = ap.parse_args(argv)
     shapes = _parse_shapes(args.shapes) if args.shapes else SHAPES
     if layers._native is None or layers._native.isa() == "portable":
@@ -128,6 +167,16 @@ def main(argv=None) -> int:
     info = machine_info()
     print(f"# {info.get('cpu', info['platform'])}, torch {torch.__version__}, threads {threads}, "
           f"{layers.native_status()}, loadavg {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    if args.model:
+        r = model_steps(args.model, args.mcpg, args.batch, args.seq, args.reps)
+        print(f"{args.model} -m {args.mcpg}, {r['tokens']} tokens per step: training step {r['fused_ms']:.1f} ms with "
+              f"the gradient kernels, {r['unfused_ms']:.1f} ms without (median ratio {r['ratio']:.3f}); "
+              f"dense original {r['dense_ms']:.1f} ms")
+        print(f"# loadavg after: {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(dict(rows=[r], machine=info), f, indent=1)
+        return 0
     print(f"{'shape':14s} {'in->out':>12s} {'g':>3s} {'oc':>4s} grad {'fused ms':>9s} {'unfused ms':>10s} {'ratio':>6s}")
     out = []
     for name, (i, o, m) in shapes.items():

@@ -126,6 +126,11 @@ def test_bench_backward_times_both_gradients(tmp_path, capsys):
         assert len(r["samples_ms"]["fused"]) == 2 and r["fused_ms"] > 0 and r["unfused_ms"] > 0
     with pytest.raises(SystemExit, match="bad --shapes entry"):
         bench.main(["--shapes", "a=96:72"])
+    out = tmp_path / "steps.json"  # whole training steps of a shrunk model, kernels on and off, and dense
+    assert bench.main(["--model", "tiny-phi3", "--mcpg", "64", "--batch", "1", "--seq", "16", "--reps", "1",
+                       "--threads", "1", "--json", str(out)]) == 0
+    (r,) = json.loads(out.read_text())["rows"]
+    assert r["tokens"] == 16 and set(r["samples_ms"]) == {"fused", "unfused", "dense"} and r["dense_ms"] > 0
 
 
 def test_bench_block_takes_other_shapes(tmp_path, capsys):
