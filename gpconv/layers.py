@@ -583,10 +583,11 @@ def _io_bmm(x: torch.Tensor, weight: torch.Tensor, bias, xi: torch.Tensor) -> to
         yg = y.view(n, g, oc).transpose(0, 1)  # (N, out) -> (g, N, oc), a view: GEMMs write y itself
         torch.bmm(own, w_own, out=yg)
         yg.baddbmm_(xi.transpose(0, 1), w_mixed)  # += (g, N, c) @ (g, c, oc)
-    else:
-        yg = torch.bmm(own, w_own)  # (g, N, oc), contiguous
+    else:  # (g, N, oc) into a reused buffer: a fresh one of qkv_proj's 38 MB page-faulted on every call
+        yg = torch.bmm(own, w_own, out=_scratch((g, n, oc), x, "grouped_out"))  # contiguous
         yg.baddbmm_(xi.transpose(0, 1), w_mixed)
-        y = yg.transpose(0, 1).reshape(n, g * oc)  # (g, N, oc) -> (N, g, oc) -> (N, out), one copy
+        y = x.new_empty(n, g * oc)  # always a copy: the buffer is reused by the next call
+        y.view(n, g, oc).copy_(yg.transpose(0, 1))  # (g, N, oc) -> (N, g, oc)
     return y if bias is None else y.add_(bias)
 
 

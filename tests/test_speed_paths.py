@@ -266,10 +266,17 @@ def test_torch_compile_matches_eager():
     torch.testing.assert_close(b.weight.grad, g_eager, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("n_in, n_out, g", [(64, 128, 4), (96, 32, 8)])  # one conv / two convs
-def test_inference_scratch_buffer_never_leaks(path, n_in, n_out, g):
-    """Inference reuses one buffer for the interleaved copy: outputs must not alias it."""
+@pytest.mark.parametrize("n_in, n_out, g", [(64, 128, 4), (96, 32, 8), (48, 40, 1)])  # g = 1: a transpose is a view
+def test_inference_scratch_buffer_never_leaks(monkeypatch, path, n_in, n_out, g):
+    """The two-GEMM path reuses buffers for the interleaved copy and (several threads) the
+    (g, N, oc) GEMM result: outputs must not alias them, in inference and in training."""
+    monkeypatch.setattr(layers, "FUSED_FORWARD", False)  # the fused forward has no scratch
     b = GroupedPointwiseBlock(n_in, n_out, g, bias=True)
+    xa, xb = torch.randn(9, n_in), torch.randn(9, n_in)
+    ya = b(xa)  # training forward (grad enabled)
+    ya_before = ya.detach().clone()
+    b(xb)
+    torch.testing.assert_close(ya.detach(), ya_before, rtol=0, atol=0)
     xs = [torch.randn(n, n_in) for n in (9, 3, 9, 1)]
     with torch.no_grad():
         ys = [b(x) for x in xs]  # later calls overwrite the buffer earlier calls used
