@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     threads = layers._threads()
     info = machine_info()
     print(f"# {info.get('cpu', info['platform'])}, torch {torch.__version__}, threads {threads}, "
-          f"{layers.native_status()}, loadavg {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
+          f"{layers.native_status()}, malloc {info['allocator']}, loadavg {' '.join(f'{v:.2f}' for v in os.getloadavg())}")
     if args.model:
         r = model_steps(args.model, args.mcpg, args.batch, args.seq, args.reps)
         print(f"{args.model} -m {args.mcpg}, {r['tokens']} tokens per step: training step {r['fused_ms']:.1f} ms with "

@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from gpconv import layers
+from gpconv.bench import allocator
 from gpconv.grouping import group_count
 from gpconv.layers import GroupedPointwiseBlock
 
@@ -213,6 +214,7 @@ def machine(device: str = "cpu") -> dict:
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
     info["native"] = layers.native_status()
+    info["allocator"] = allocator()
     try:
         for line in open("/proc/cpuinfo"):
             if line.startswith("model name"):
@@ -274,7 +276,7 @@ def main(argv=None) -> int:
     torch.manual_seed(0)
     info = machine(args.device)
     load_before = loadavg()
-    print(f"# {info.get('gpu', info.get('cpu', '?'))}, {args.dtype}, torch {info['torch']}, threads {info['threads']}, native kernels {info['native']}, loadavg {load_before}")
+    print(f"# {info.get('gpu', info.get('cpu', '?'))}, {args.dtype}, torch {info['torch']}, threads {info['threads']}, native kernels {info['native']}, malloc {info['allocator']}, loadavg {load_before}")
     extras = [k for k in ("legacy", "floor", *VARIANTS) if getattr(args, k.replace("-", "_"))]
     print(_header(extras))
     rows = bench(shapes, args.tokens, args.reps, args.min_channels_per_group, extras, dtype, args.device)

@@ -111,7 +111,7 @@ class BenchResult:
             lines.append(f"(RSS of a child before loading a model: {d.base_memory_bytes / mib:,.0f} MiB)")
         lines.append(f"loadavg before/after: {self.loadavg[0]} / {self.loadavg[1]}")
         if self.device == "cpu" and "native_kernels" in self.machine:
-            lines.append(f"gpconv C kernels: {self.machine['native_kernels']}")
+            lines.append(f"gpconv C kernels: {self.machine['native_kernels']}; malloc: {self.machine.get('allocator', '?')}")
         return "\n".join(lines)
 
 
@@ -378,6 +378,21 @@ def _bench(model_dir, baseline, dev, dtype, td, batch, prompt_len, new_tokens, r
     )
 
 
+def allocator() -> str:
+    """Which malloc serves this process: "tcmalloc" or "jemalloc" when one is loaded (usually by
+    LD_PRELOAD), else "glibc". It changes CPU timings: glibc page-faults every fresh tensor of
+    32 MiB or more on each call, tcmalloc reuses freed memory (docs/speed.md)."""
+    try:
+        with open("/proc/self/maps") as f:
+            maps = f.read()
+    except OSError:
+        return "unknown"
+    for name in ("tcmalloc", "jemalloc"):
+        if f"lib{name}" in maps:
+            return name
+    return "glibc" if platform.system() == "Linux" else "unknown"
+
+
 def machine_info() -> dict:
     info = dict(python=platform.python_version(), torch=torch.__version__, platform=platform.platform(),
                 cpus=os.cpu_count(), threads=torch.get_num_threads())
@@ -393,4 +408,5 @@ def machine_info() -> dict:
     from .layers import native_status
 
     info["native_kernels"] = native_status()  # gpconv._native on the CPU (docs/speed.md)
+    info["allocator"] = allocator()
     return info

@@ -1,6 +1,7 @@
 """gpconv bench: runs end to end on tiny models and reports ratios; user errors are one line."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -43,6 +44,24 @@ def test_bench_json_against_own_dense_equivalent(dirs):
     from gpconv.layers import native_status
 
     assert d["machine"]["native_kernels"] == native_status()  # the numbers say which code made them
+    assert d["machine"]["allocator"] in ("glibc", "tcmalloc", "jemalloc", "unknown")  # and which malloc
+
+
+def test_allocator_names_a_preloaded_malloc(tmp_path):
+    """allocator() reads the process's own mappings: glibc here, tcmalloc in a child that preloads it
+    (where the library is installed)."""
+    import subprocess
+    import sys
+
+    from gpconv.bench import allocator
+
+    assert allocator() in ("glibc", "unknown")  # the test process preloads nothing
+    lib = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+    if not os.path.exists(lib):
+        pytest.skip("tcmalloc not installed here")
+    out = subprocess.run([sys.executable, "-c", "from gpconv.bench import allocator; print(allocator())"],
+                         env={**os.environ, "LD_PRELOAD": lib}, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "tcmalloc"
 
 
 def test_bench_table_with_baseline_and_memory(dirs):
@@ -51,7 +70,7 @@ def test_bench_table_with_baseline_and_memory(dirs):
     for word in ("prefill tokens/s", "decode tokens/s", "peak memory (rss)", "shrunk/dense", "MiB"):
         assert word in r.stdout, word
     assert str(dirs / "dense") in r.stdout
-    assert "gpconv C kernels: " in r.stdout
+    assert "gpconv C kernels: " in r.stdout and "; malloc: " in r.stdout
 
 
 def test_run_once_feeds_the_same_tokens_to_any_model(dirs):
