@@ -412,6 +412,38 @@ __attribute__((target("avx2,fma"))) static void uninterleave_add_avx2(const floa
 #define F2_TB 48 /* tokens per transposed block, worked as 3 tiles of 16 while a weight tile (6 rows
                     of 2c) stays in L1; 32, 64 or 96 measured no faster on a Zen 3 EPYC */
 
+/* dst[ch][t] = rows[t][ch] for t < ntp (a multiple of 8; rows past nb read as zeros): a block of
+   token rows of `width` floats into channel-major rows of F2_TB floats, in 8 x 8 register tiles.
+   io_forward and io_dw transpose x this way, io_dx transposes dY. */
+__attribute__((target("avx2,fma"))) static void block_to_channel_major(const float *rows, float *dst, int64_t nb,
+                                                                       int64_t ntp, int64_t width) {
+    for (int64_t t0 = 0; t0 < ntp; t0 += 8) {
+        for (int64_t ch0 = 0; ch0 < width; ch0 += 8) {
+            const int chw = (int)(width - ch0 < 8 ? width - ch0 : 8);
+            const __m256i m = lanes8(chw);
+            __m256 r[8];
+            for (int j = 0; j < 8; j++) {
+                const float *p = rows + (t0 + j) * width + ch0;
+                r[j] = t0 + j >= nb ? _mm256_setzero_ps() : chw == 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, m);
+            }
+            transpose8(r);
+            for (int j = 0; j < chw; j++) _mm256_store_ps(dst + (ch0 + j) * F2_TB + t0, r[j]);
+        }
+    }
+}
+
+/* xg: group k's interleaved rows of xt (row j*g + k for j < c) gathered into one contiguous run
+   (c x 192 bytes, L2-sized). Read in place they sit g * 192 bytes apart (6 KiB for down_proj): few
+   cache sets hold them, and every output tile re-read them from L3. ntp tokens per row. */
+__attribute__((target("avx2,fma"))) static void gather_interleaved_rows(const float *xt, float *xg, int64_t c,
+                                                                        int64_t g, int64_t k, int64_t ntp) {
+    for (int64_t j = 0; j < c; j++) {
+        const float *s = xt + (j * g + k) * F2_TB;
+        float *d = xg + j * F2_TB;
+        for (int64_t t = 0; t < ntp; t += 8) _mm256_store_ps(d + t, _mm256_load_ps(s + t));
+    }
+}
+
 __attribute__((target("avx2,fma"))) static void io_forward_avx2(const float *x, const float *w, const float *bias,
                                                                 float *y, int64_t n0, int64_t n1, int64_t in,
                                                                 int64_t out, int64_t g, float *xt, float *xg,
@@ -420,29 +452,9 @@ __attribute__((target("avx2,fma"))) static void io_forward_avx2(const float *x, 
     for (int64_t tb0 = n0; tb0 < n1; tb0 += F2_TB) {
         const int64_t nb = n1 - tb0 < F2_TB ? n1 - tb0 : F2_TB; /* tokens in this block */
         const int64_t ns = (nb + 15) / 16;                       /* 16-token tiles with real tokens */
-        /* xt[ch][t] = x[tb0 + t][ch]: (16 ns, in) -> (in, 48) in 8 x 8 register tiles; tokens past nb are zeros */
-        for (int64_t t0 = 0; t0 < 16 * ns; t0 += 8) {
-            for (int64_t ch0 = 0; ch0 < in; ch0 += 8) {
-                const int chw = (int)(in - ch0 < 8 ? in - ch0 : 8);
-                const __m256i m = lanes8(chw);
-                __m256 r[8];
-                for (int j = 0; j < 8; j++) {
-                    const float *p = x + (tb0 + t0 + j) * in + ch0;
-                    r[j] = t0 + j >= nb ? _mm256_setzero_ps() : chw == 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, m);
-                }
-                transpose8(r);
-                for (int j = 0; j < chw; j++) _mm256_store_ps(xt + (ch0 + j) * F2_TB + t0, r[j]);
-            }
-        }
+        block_to_channel_major(x + tb0 * in, xt, nb, 16 * ns, in); /* xt (in, 48); tokens past nb zeros */
         for (int64_t k = 0; k < g; k++) {
-            /* xg: group k's interleaved rows gathered into one contiguous run (c x 192 bytes, L2-sized).
-               Read in place they sit g * 192 bytes apart (6 KiB for down_proj): few cache sets hold
-               them, and every one of the group's output tiles re-read them from L3. */
-            for (int64_t j = 0; j < c; j++) {
-                const float *s = xt + (j * g + k) * F2_TB;
-                float *d = xg + j * F2_TB;
-                for (int64_t t = 0; t < 16 * ns; t += 8) _mm256_store_ps(d + t, _mm256_load_ps(s + t));
-            }
+            gather_interleaved_rows(xt, xg, c, g, k, 16 * ns);
             for (int64_t ot = 0; ot < nt; ot++) {
                 const int64_t ow = oc - ot * F2_OT < F2_OT ? oc - ot * F2_OT : F2_OT;
                 const float *wt = w + (k * oc + ot * F2_OT) * k2; /* F2_OT rows of the (g, oc, 2c) weight */
@@ -520,20 +532,7 @@ __attribute__((target("avx2,fma"))) static void io_dx_avx2(const float *dy, cons
     for (int64_t tb0 = n0; tb0 < n1; tb0 += F2_TB) {
         const int64_t nb = n1 - tb0 < F2_TB ? n1 - tb0 : F2_TB;
         const int64_t ns = (nb + 15) / 16;
-        /* dyt[o][t] = dy[tb0 + t][o]: (16 ns, out) -> (out, TB); tokens past nb are zeros */
-        for (int64_t t0 = 0; t0 < 16 * ns; t0 += 8) {
-            for (int64_t o0 = 0; o0 < out; o0 += 8) {
-                const int ow = (int)(out - o0 < 8 ? out - o0 : 8);
-                const __m256i m = lanes8(ow);
-                __m256 r[8];
-                for (int j = 0; j < 8; j++) {
-                    const float *p = dy + (tb0 + t0 + j) * out + o0;
-                    r[j] = t0 + j >= nb ? _mm256_setzero_ps() : ow == 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, m);
-                }
-                transpose8(r);
-                for (int j = 0; j < ow; j++) _mm256_store_ps(dyt + (o0 + j) * F2_TB + t0, r[j]);
-            }
-        }
+        block_to_channel_major(dy + tb0 * out, dyt, nb, 16 * ns, out); /* dyt (out, TB); tokens past nb zeros */
         for (int half = 0; half < 2; half++) { /* 0: own channels (stored), 1: interleaved ones (added) */
             for (int64_t k = 0; k < g; k++) {
                 const float *dk = dyt + k * oc * F2_TB; /* group k's oc rows of dyt */
@@ -616,25 +615,9 @@ __attribute__((target("avx2,fma"))) static void io_dw_avx2(const float *x, const
     for (int64_t tb0 = 0; tb0 < n; tb0 += F2_TB) {
         const int64_t nb = n - tb0 < F2_TB ? n - tb0 : F2_TB;
         const int64_t nbp = (nb + 7) / 8 * 8; /* tokens as the transposes write them (the rest zeros) */
-        for (int64_t t0 = 0; t0 < nbp; t0 += 8) { /* xt[ch][t] = x[tb0 + t][ch] */
-            for (int64_t ch0 = 0; ch0 < in; ch0 += 8) {
-                const int chw = (int)(in - ch0 < 8 ? in - ch0 : 8);
-                const __m256i m = lanes8(chw);
-                __m256 r[8];
-                for (int j = 0; j < 8; j++) {
-                    const float *p = x + (tb0 + t0 + j) * in + ch0;
-                    r[j] = t0 + j >= nb ? _mm256_setzero_ps() : chw == 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, m);
-                }
-                transpose8(r);
-                for (int j = 0; j < chw; j++) _mm256_store_ps(xt + (ch0 + j) * F2_TB + t0, r[j]);
-            }
-        }
+        block_to_channel_major(x + tb0 * in, xt, nb, nbp, in); /* xt (in, TB) */
         for (int64_t k = k0; k < k1; k++) {
-            for (int64_t j = 0; j < c; j++) { /* the interleaved rows of group k, contiguous */
-                const float *s = xt + (j * g + k) * F2_TB;
-                float *d = xg + j * F2_TB;
-                for (int64_t t = 0; t < nbp; t += 8) _mm256_store_ps(d + t, _mm256_load_ps(s + t));
-            }
+            gather_interleaved_rows(xt, xg, c, g, k, nbp); /* the interleaved rows of group k, contiguous */
             for (int64_t t = 0; t < nb; t++) { /* dyg[t] = dy[tb0 + t][k*oc : k*oc + oc], zero-padded */
                 memcpy(dyg + t * ocp, dy + (tb0 + t) * out + k * oc, sizeof(float) * oc);
                 memset(dyg + t * ocp + oc, 0, sizeof(float) * (ocp - oc));
@@ -1057,19 +1040,29 @@ static void pack_dx_weight(const float *w, float *wp, int64_t c, int64_t oc, int
                 }
 }
 
-static PyObject *py_io_dx(PyObject *self, PyObject *args) {
-    unsigned long long dy, w, dx;
-    long long n, in, out, g;
-    int threads = 1;
-    if (!PyArg_ParseTuple(args, "KKKLLLL|i", &dy, &w, &dx, &n, &in, &out, &g, &threads)) return NULL;
-    if (n < 0 || g < 1 || in < g || out < g || in % g || out % g) {
-        PyErr_SetString(PyExc_ValueError, "gpconv._native.io_dx: need n >= 0 and g dividing in and out");
-        return NULL;
+/* io_dx and io_dw: three pointers, n, in, out, g and optional threads, checked alike. Returns 0 with
+   a Python error set when the arguments are wrong or the CPU lacks AVX2. */
+static int grad_args(PyObject *args, const char *name, unsigned long long p[3], long long *n, long long *in,
+                     long long *out, long long *g, int *threads) {
+    *threads = 1;
+    if (!PyArg_ParseTuple(args, "KKKLLLL|i", &p[0], &p[1], &p[2], n, in, out, g, threads)) return 0;
+    if (*n < 0 || *g < 1 || *in < *g || *out < *g || *in % *g || *out % *g) {
+        PyErr_Format(PyExc_ValueError, "gpconv._native.%s: need n >= 0 and g dividing in and out", name);
+        return 0;
     }
     if (isa_level < ISA_AVX2) {
-        PyErr_SetString(PyExc_RuntimeError, "gpconv._native.io_dx needs AVX2 + FMA");
-        return NULL;
+        PyErr_Format(PyExc_RuntimeError, "gpconv._native.%s needs AVX2 + FMA", name);
+        return 0;
     }
+    return 1;
+}
+
+static PyObject *py_io_dx(PyObject *self, PyObject *args) {
+    unsigned long long p[3]; /* dy, w, dx */
+    long long n, in, out, g;
+    int threads;
+    if (!grad_args(args, "io_dx", p, &n, &in, &out, &g, &threads)) return NULL;
+    const unsigned long long dy = p[0], w = p[1], dx = p[2];
     const int64_t c = in / g, oc = out / g, ntile = (c + F2_OT - 1) / F2_OT;
     float *wp = malloc(sizeof(float) * (size_t)(2 * g * ntile * oc * F2_OT));
     if (wp == NULL) return PyErr_NoMemory();
@@ -1086,18 +1079,11 @@ static PyObject *py_io_dx(PyObject *self, PyObject *args) {
 }
 
 static PyObject *py_io_dw(PyObject *self, PyObject *args) {
-    unsigned long long x, dy, dw;
+    unsigned long long p[3]; /* x, dy, dw */
     long long n, in, out, g;
-    int threads = 1;
-    if (!PyArg_ParseTuple(args, "KKKLLLL|i", &x, &dy, &dw, &n, &in, &out, &g, &threads)) return NULL;
-    if (n < 0 || g < 1 || in < g || out < g || in % g || out % g) {
-        PyErr_SetString(PyExc_ValueError, "gpconv._native.io_dw: need n >= 0 and g dividing in and out");
-        return NULL;
-    }
-    if (isa_level < ISA_AVX2) {
-        PyErr_SetString(PyExc_RuntimeError, "gpconv._native.io_dw needs AVX2 + FMA");
-        return NULL;
-    }
+    int threads;
+    if (!grad_args(args, "io_dw", p, &n, &in, &out, &g, &threads)) return NULL;
+    const unsigned long long x = p[0], dy = p[1], dw = p[2];
     job_t proto = {(const float *)(uintptr_t)x, (float *)(uintptr_t)dw, 0, 0, n, in / g, g, 5, 0, NULL, NULL, out, 0,
                    NULL, (const float *)(uintptr_t)dy, 0};
     int rc;

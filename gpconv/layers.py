@@ -469,8 +469,9 @@ def _fused_ok(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
     return weight.shape[1] <= FUSED_MAX_OUT_PER_GROUP and _kernels_ok(x, weight, bias)
 
 
-def _fused_dx_ok(dy: torch.Tensor, weight: torch.Tensor) -> bool:
-    return (FUSED_BACKWARD and weight.shape[1] <= FUSED_MAX_OUT_PER_GROUP and _native_ok(dy, weight)
+def _fused_grads_ok(x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor) -> bool:
+    """May the backward compute dx and dW by io_dx / io_dw (FUSED_BACKWARD)?"""
+    return (FUSED_BACKWARD and weight.shape[1] <= FUSED_MAX_OUT_PER_GROUP and _native_ok(x, dy, weight)
             and _native.isa() != "portable")
 
 
@@ -631,7 +632,8 @@ class _IOBlockCPU(torch.autograd.Function):
         dy_c = dy.contiguous()
         dyg = dy_c.view(n, g, oc).transpose(0, 1)  # (N, out) -> (g, N, oc), a view
         dx = dw = db = None
-        if ctx.needs_input_grad[0] and _fused_dx_ok(dy_c, weight):
+        fused = _fused_grads_ok(x, dy_c, weight)
+        if ctx.needs_input_grad[0] and fused:
             dx = x.new_empty(n, i)  # the whole input gradient in one C call: no (g, N, c) intermediate
             _native.io_dx(dy_c.data_ptr(), weight.data_ptr(), dx.data_ptr(), n, i, g * oc, g, _threads())
         elif ctx.needs_input_grad[0]:
@@ -642,7 +644,7 @@ class _IOBlockCPU(torch.autograd.Function):
                 dx = torch.bmm(dyg, weight[:, :, :c]).transpose(0, 1).reshape(n, i)  # (g, N, c) -> (N, in)
             d_mixed = torch.bmm(dyg, weight[:, :, c:], out=_scratch((g, n, c), x, "d_mixed"))  # (g, N, oc) @ (g, oc, c)
             _uninterleave_add(dx, d_mixed)
-        if ctx.needs_input_grad[1] and _fused_dx_ok(dy_c, weight) and _native_ok(x):
+        if ctx.needs_input_grad[1] and fused:
             dw = weight.new_empty(g, oc, k)  # both halves in one C call, from x and dY as they are
             _native.io_dw(x.data_ptr(), dy_c.data_ptr(), dw.data_ptr(), n, i, g * oc, g, _threads())
         elif ctx.needs_input_grad[1]:
