@@ -435,21 +435,51 @@ consulted when :data:`NATIVE` is on."""
 
 FUSED_BACKWARD = True
 """CPU float32 with AVX2 (AVX-512 CPUs run the same AVX2 code), groups of at most
-:data:`FUSED_MAX_OUT_PER_GROUP` outputs: compute the io block's gradients by two C kernels,
+:data:`FUSED_GRAD_MAX_OUT_PER_GROUP` outputs: compute the io block's gradients by two C kernels,
 gpconv._native.io_dx (dx: one fused GEMM + un-interleave, instead of two MKL GEMMs, a (g, N, c)
 intermediate and an un-interleaving add) and io_dw (dW: both halves from x and dY as they are,
 instead of a transposed dY, an interleaved copy of x and two MKL GEMMs); docs/speed.md. Only
 consulted when :data:`NATIVE` is on."""
 
-FUSED_MAX_OUT_PER_GROUP = 192
-"""The fused forward only for groups of at most this many outputs. It re-reads a 48-token slice
-of x once per output tile and streams all weights once per 48 tokens, so it loses to MKL's
-blocking on wide groups. Measured at one thread (docs/speed.md): AVX-512 (Xeon, 1024 tokens)
+def _cpu_vendor() -> str:
+    """The CPU's vendor string ("AuthenticAMD", "GenuineIntel"), or "" where it cannot be read."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return ""
+
+
+def _default_fused_max_out() -> int:
+    # AMD's AVX-512 (Zen 4) runs the fused forward faster than MKL's two GEMMs at every Phi-3 /
+    # Llama group width measured: 1,024 tokens, one thread, 0.72-0.95x on 128-2048 outputs per
+    # group, Llama-7B up_proj's 688 at 1.02; at two threads 0.71-1.00 (docs/speed.md). Intel's
+    # (a Xeon with two 512-bit FMA units) ran MKL faster on wide groups, and AVX2 does everywhere
+    # above ~192 (Zen 3; Zen 4: 1.21x on qkv_proj's 768).
+    if _native is not None and _native.isa() == "avx512" and _cpu_vendor() == "AuthenticAMD":
+        return 2048
+    return 192
+
+
+FUSED_MAX_OUT_PER_GROUP = _default_fused_max_out()
+"""The fused forward only for groups of at most this many outputs; chosen when gpconv loads, by
+CPU: 2048 on AMD CPUs with AVX-512, 192 elsewhere. The kernel re-reads a 48-token slice of x once
+per output tile and streams all weights once per 48 tokens, so where MKL's blocking is stronger
+it loses on wide groups. Measured at one thread, 1024 tokens (docs/speed.md): AVX-512 on a Xeon
 wins on down_proj (96 outputs per group: 29.3 against 33.6 ms) and on SmolLM2's narrow groups
 (up to 2.2x), and is 6-10% slower on o_proj / qkv_proj (256 / 768) and 22% slower on
-gate_up_proj (2048). AVX2 (Zen 3 EPYC): 0.46-0.97x the two GEMMs' time on SmolLM2's and
+gate_up_proj (2048); on a Zen 4 EPYC it wins on all four (0.66 down_proj, 0.83 o_proj, 0.95
+qkv_proj, 0.93 gate_up_proj). AVX2 (Zen 3 EPYC): 0.46-0.97x the two GEMMs' time on SmolLM2's and
 tiny-phi3's groups of 24-192 outputs at 128-1024 tokens, 0.91-0.98x at 512; on Phi-3's down_proj
 (96, but 8192 inputs, whose 48-token block outgrows the 512 KiB L2) 0.96-1.05x."""
+
+FUSED_GRAD_MAX_OUT_PER_GROUP = 192
+"""The gradient kernels (:data:`FUSED_BACKWARD`) only for groups of at most this many outputs:
+wider, MKL's GEMMs were as fast or faster (Zen 4, 1024 tokens: o_proj's 256 dx 1.02x / dW 0.87x,
+qkv_proj's 768 1.17x / 1.19x, gate_up_proj's 2048 1.25x / 1.33x the MKL path's time)."""
 
 # The backward gives both dW GEMMs contiguous operands for groups of up to this many outputs.
 # Measured on the Xeon at 1024 tokens: through strided views MKL took ~20 ms for each of
@@ -471,7 +501,7 @@ def _fused_ok(x: torch.Tensor, weight: torch.Tensor, bias) -> bool:
 
 def _fused_grads_ok(x: torch.Tensor, dy: torch.Tensor, weight: torch.Tensor) -> bool:
     """May the backward compute dx and dW by io_dx / io_dw (FUSED_BACKWARD)?"""
-    return (FUSED_BACKWARD and weight.shape[1] <= FUSED_MAX_OUT_PER_GROUP and _native_ok(x, dy, weight)
+    return (FUSED_BACKWARD and weight.shape[1] <= FUSED_GRAD_MAX_OUT_PER_GROUP and _native_ok(x, dy, weight)
             and _native.isa() != "portable")
 
 
@@ -695,12 +725,40 @@ def _io_many(x: torch.Tensor, weight: torch.Tensor, bias, groups: int) -> torch.
     return y if bias is None else y + bias.to(y.dtype)  # under autocast y is already bf16/fp16
 
 
+class _BmmWeightT(torch.autograd.Function):
+    """``z @ W^T`` per group, z (g, N, k), W (g, oc, k) -> (g, N, oc), with the weight gradient
+    computed as ``dY^T z``: a contiguous (g, oc, k) tensor that AccumulateGrad keeps as it is.
+    Autograd's own backward of ``bmm(z, W.transpose(1, 2))`` returns the gradient transposed,
+    and AccumulateGrad copies it into the parameter's layout: at one token that strided copy was
+    most of a training step (Phi-3 gate_up_proj, Zen 4: 70 of 107 ms). Eager CPU only."""
+
+    @staticmethod
+    def forward(ctx, z, weight):
+        ctx.save_for_backward(z, weight)
+        return torch.bmm(z, weight.transpose(1, 2))  # (g, N, k) @ (g, k, oc) -> (g, N, oc)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        z, weight = ctx.saved_tensors
+        dz = torch.bmm(dy, weight) if ctx.needs_input_grad[0] else None  # (g, N, oc) @ (g, oc, k)
+        dw = torch.bmm(dy.transpose(1, 2), z) if ctx.needs_input_grad[1] else None  # (g, oc, N) @ (g, N, k)
+        return dz, dw
+
+
+def _bmm_wt(z: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(g, N, k) @ (g, oc, k)^T -> (g, N, oc); training on eager CPU takes :class:`_BmmWeightT`."""
+    if weight.requires_grad and torch.is_grad_enabled() and _eager_cpu(z):
+        return _BmmWeightT.apply(z, weight)
+    return torch.bmm(z, weight.transpose(1, 2))
+
+
 def _io_gather(x: torch.Tensor, weight: torch.Tensor, bias, gather_index: torch.Tensor) -> torch.Tensor:
     """io block, small-N path: gather [own | interleaved] (input_perm included), one bmm."""
     n = x.shape[0]
     g, oc, k = weight.shape
     z = x.index_select(1, gather_index.view(-1)).view(n, g, k).transpose(0, 1)  # (N, g*2c) -> (g, N, 2c)
-    y = torch.bmm(z, weight.transpose(1, 2))  # (g, N, 2c) @ (g, 2c, oc) -> (g, N, oc)
+    y = _bmm_wt(z, weight)  # (g, N, 2c) @ (g, 2c, oc) -> (g, N, oc)
     y = y.transpose(0, 1).reshape(n, g * oc)  # (g, N, oc) -> (N, out)
     return y if bias is None else y + bias.to(y.dtype)  # under autocast y is already bf16/fp16
 
@@ -775,7 +833,7 @@ def grouped_forward(x, weight, bias, groups: int) -> torch.Tensor:
     n = x.shape[0]
     g, oc, c = weight.shape
     x3 = x.reshape(n, g, c).transpose(0, 1)  # (N, in) -> (g, N, c)
-    y = torch.bmm(x3, weight.transpose(1, 2))  # (g, N, c) @ (g, c, oc) -> (g, N, oc)
+    y = _bmm_wt(x3, weight)  # (g, N, c) @ (g, c, oc) -> (g, N, oc)
     y = y.transpose(0, 1).reshape(n, g * oc)  # (g, N, oc) -> (N, out)
     return y if bias is None else y + bias.to(y.dtype)  # under autocast y is already bf16/fp16
 

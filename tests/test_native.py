@@ -5,6 +5,7 @@ must have been built: a silent build failure would otherwise turn every test her
 """
 
 import os
+import platform
 import shutil
 import subprocess
 import sys
@@ -380,13 +381,13 @@ def test_fused_gradients_run_in_training(monkeypatch, one_thread, block_isa):
     unfused = grads()
     assert len(calls) == 2
     monkeypatch.setattr(layers, "FUSED_BACKWARD", True)
-    monkeypatch.setattr(layers, "FUSED_MAX_OUT_PER_GROUP", 31)  # 32 outputs per group: too wide now
+    monkeypatch.setattr(layers, "FUSED_GRAD_MAX_OUT_PER_GROUP", 31)  # 32 outputs per group: too wide now
     wide = grads()
     assert len(calls) == 2
     for a, b, c in zip(fused, unfused, wide):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)
-    monkeypatch.setattr(layers, "FUSED_MAX_OUT_PER_GROUP", 192)
+    monkeypatch.setattr(layers, "FUSED_GRAD_MAX_OUT_PER_GROUP", 192)
     block.zero_grad()
     block(x0).backward(dy)  # x needs no gradient: dW only
     assert calls[2:] == ["io_dw"]
@@ -394,6 +395,30 @@ def test_fused_gradients_run_in_training(monkeypatch, one_thread, block_isa):
     x = x0.clone().requires_grad_(True)
     block(x).backward(dy)  # frozen block (e.g. only a low-rank term or other layers train): dx only
     assert calls[3:] == ["io_dx"]
+
+
+@needs_native
+@pytest.mark.parametrize("vendor, isa_name, limit", [("AuthenticAMD", "avx512", 2048), ("GenuineIntel", "avx512", 192),
+                                                     ("AuthenticAMD", "avx2", 192), ("", "avx512", 192)])
+def test_fused_forward_width_limit_follows_the_cpu(monkeypatch, vendor, isa_name, limit):
+    """Wide groups take the fused forward only where it was measured faster: AMD's AVX-512."""
+    monkeypatch.setattr(layers, "_cpu_vendor", lambda: vendor)
+
+    class Native:
+        def __getattr__(self, name):
+            return (lambda: isa_name) if name == "isa" else getattr(real, name)
+
+    real = layers._native
+    monkeypatch.setattr(layers, "_native", Native())
+    assert layers._default_fused_max_out() == limit
+
+
+def test_cpu_vendor_is_read_from_the_system():
+    vendor = layers._cpu_vendor()
+    if os.path.exists("/proc/cpuinfo") and platform.machine() in ("x86_64", "AMD64"):
+        assert vendor in ("AuthenticAMD", "GenuineIntel", "HygonGenuine", "CentaurHauls")
+    else:
+        assert isinstance(vendor, str)
 
 
 @needs_native

@@ -126,6 +126,20 @@ def test_gradcheck_double(path, K, bias, permuted):
     torch.testing.assert_close(f(*inputs), x @ dense.t() + (bb if bias else 0))
 
 
+@pytest.mark.parametrize("K", ["io", "grouped"])
+def test_weight_gradient_arrives_contiguous(path, K):
+    """The weight gradient reaches AccumulateGrad in the parameter's own layout, so it is kept
+    rather than copied (a transposed one cost a strided copy of the whole gradient)."""
+    if K == "io":
+        m = GroupedPointwiseBlock(24, 12, 4, bias=True)
+    else:
+        m = GroupedLinear(24, 12, 4, bias=True)
+    seen = []
+    m.weight.register_hook(lambda grad: seen.append(grad.is_contiguous()))
+    m(torch.randn(3, 24, requires_grad=True)).sum().backward()
+    assert seen == [True]
+
+
 def test_gradient_only_where_asked(path):
     b = GroupedPointwiseBlock(24, 12, 4, bias=True)
     b.weight.requires_grad_(False)
