@@ -21,8 +21,8 @@ backward; ``--batch`` x ``--seq`` tokens) of MODEL shrunk with ``-m --mcpg``, al
 
     python benchmarks/bench_backward.py --model smollm2-135m-instruct --mcpg 64 --threads 1 It prints medians and the median of the
 per-sample ratios (fused / unfused: below 1 is faster). Needs gpconv._native on an AVX2 CPU.
-gpconv routes groups of up to ``FUSED_MAX_OUT_PER_GROUP`` (192) outputs to the kernels; wider
-shapes are listed to show why.
+gpconv routes groups of up to ``FUSED_GRAD_MAX_OUT_PER_GROUP`` (192) outputs to the kernels;
+wider shapes are listed to show why.
 """
 
 from __future__ import annotations

@@ -30,8 +30,9 @@ the backward's un-interleaving add done by torch's strided copies instead of the
 gpconv/_native.c, so the kernels' effect is measured side by side in the same run.
 ``--two-gemm`` adds the block with the native copies but ``gpconv.layers.FUSED_FORWARD = False``
 (the interleaved copy + two MKL GEMMs forward), and ``--fused`` the block with the fused forward
-forced on every shape (``FUSED_MAX_OUT_PER_GROUP`` lifted; the fused input gradient too): the
-default picks between the two by the group width, and these sides show what each would give.
+forced on every shape (``FUSED_MAX_OUT_PER_GROUP`` and ``FUSED_GRAD_MAX_OUT_PER_GROUP`` lifted:
+the gradient kernels too): the default picks between the two by the group width (by CPU: see
+``gpconv.layers.FUSED_MAX_OUT_PER_GROUP``), and these sides show what each would give.
 ``--unfused-dx`` adds the block with ``gpconv.layers.FUSED_BACKWARD = False`` (the backward's
 input gradient as two MKL GEMMs + the un-interleaving add instead of one io_dx call).
 """
@@ -113,7 +114,7 @@ def _with(fn, **settings):
 VARIANTS = {  # extra sides: the same block under other gpconv.layers settings
     "torch-copy": dict(NATIVE=False),
     "two-gemm": dict(FUSED_FORWARD=False),
-    "fused": dict(FUSED_MAX_OUT_PER_GROUP=1 << 30),
+    "fused": dict(FUSED_MAX_OUT_PER_GROUP=1 << 30, FUSED_GRAD_MAX_OUT_PER_GROUP=1 << 30),
     "unfused-dx": dict(FUSED_BACKWARD=False),
 }
 

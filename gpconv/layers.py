@@ -478,8 +478,9 @@ tiny-phi3's groups of 24-192 outputs at 128-1024 tokens, 0.91-0.98x at 512; on P
 
 FUSED_GRAD_MAX_OUT_PER_GROUP = 192
 """The gradient kernels (:data:`FUSED_BACKWARD`) only for groups of at most this many outputs:
-wider, MKL's GEMMs were as fast or faster (Zen 4, 1024 tokens: o_proj's 256 dx 1.02x / dW 0.87x,
-qkv_proj's 768 1.17x / 1.19x, gate_up_proj's 2048 1.25x / 1.33x the MKL path's time)."""
+wider, MKL's GEMMs were as fast or faster, or only some readings were faster (Zen 4, 1024 tokens,
+two runs: o_proj's 256 dx 0.90-1.02x / dW 0.87-0.88x, qkv_proj's 768 1.15-1.17x / 1.00-1.19x,
+gate_up_proj's 2048 1.22-1.25x / 1.33-1.62x the MKL path's time)."""
 
 # The backward gives both dW GEMMs contiguous operands for groups of up to this many outputs.
 # Measured on the Xeon at 1024 tokens: through strided views MKL took ~20 ms for each of
