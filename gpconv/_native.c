@@ -60,6 +60,7 @@ typedef struct {
     int failed;
     const float *lr_b, *lr_u; /* io_small of a hybrid block: y += u B^T, u = x A^T (n, r) computed before the split */
     int64_t r;
+    int64_t k0, k1; /* io_forward: this worker's groups (all of them when run_split splits tokens) */
 } job_t;
 
 /* Which x86 kernels run: chosen once at import from what the CPU has (__builtin_cpu_supports), no
@@ -187,7 +188,8 @@ __attribute__((target("avx512f"))) static void uninterleave_add_avx512(const flo
 
 __attribute__((target("avx512f"))) static void io_forward_avx512(const float *x, const float *w, const float *bias,
                                                                   float *y, int64_t n0, int64_t n1, int64_t in,
-                                                                  int64_t out, int64_t g, float *xt, float *wpad) {
+                                                                  int64_t out, int64_t g, int64_t k0, int64_t k1,
+                                                                  float *xt, float *wpad) {
     const int64_t c = in / g, oc = out / g, k2 = 2 * c, nt = (oc + FWD_OT - 1) / FWD_OT;
     for (int64_t tb0 = n0; tb0 < n1; tb0 += FWD_TB) {
         const int64_t nb = n1 - tb0 < FWD_TB ? n1 - tb0 : FWD_TB; /* tokens in this block; the rest are zeros */
@@ -203,7 +205,7 @@ __attribute__((target("avx512f"))) static void io_forward_avx512(const float *x,
                 for (int j = 0; j < chw; j++) _mm512_store_ps(xt + (ch0 + j) * FWD_TB + t0, r[j]);
             }
         }
-        for (int64_t k = 0; k < g; k++) {
+        for (int64_t k = k0; k < k1; k++) {
             for (int64_t ot = 0; ot < nt; ot++) {
                 const int64_t ow = oc - ot * FWD_OT < FWD_OT ? oc - ot * FWD_OT : FWD_OT;
                 const float *wt = w + (k * oc + ot * FWD_OT) * k2; /* FWD_OT rows of the (g, oc, 2c) weight */
@@ -411,6 +413,7 @@ __attribute__((target("avx2,fma"))) static void uninterleave_add_avx2(const floa
 #define F2_TV 2  /* ... times 2 vectors of 8 tokens = 12 accumulators, 16 tokens per tile.          */
 #define F2_TB 48 /* tokens per transposed block, worked as 3 tiles of 16 while a weight tile (6 rows
                     of 2c) stays in L1; 32, 64 or 96 measured no faster on a Zen 3 EPYC */
+_Static_assert(FWD_TB == 48 && F2_TB == 48, "run_split counts io_forward's tokens in blocks of 48");
 
 /* dst[ch][t] = rows[t][ch] for t < ntp (a multiple of 8; rows past nb read as zeros): a block of
    token rows of `width` floats into channel-major rows of F2_TB floats, in 8 x 8 register tiles.
@@ -446,14 +449,14 @@ __attribute__((target("avx2,fma"))) static void gather_interleaved_rows(const fl
 
 __attribute__((target("avx2,fma"))) static void io_forward_avx2(const float *x, const float *w, const float *bias,
                                                                 float *y, int64_t n0, int64_t n1, int64_t in,
-                                                                int64_t out, int64_t g, float *xt, float *xg,
-                                                                float *wpad) {
+                                                                int64_t out, int64_t g, int64_t k0, int64_t k1,
+                                                                float *xt, float *xg, float *wpad) {
     const int64_t c = in / g, oc = out / g, k2 = 2 * c, nt = (oc + F2_OT - 1) / F2_OT;
     for (int64_t tb0 = n0; tb0 < n1; tb0 += F2_TB) {
         const int64_t nb = n1 - tb0 < F2_TB ? n1 - tb0 : F2_TB; /* tokens in this block */
         const int64_t ns = (nb + 15) / 16;                       /* 16-token tiles with real tokens */
         block_to_channel_major(x + tb0 * in, xt, nb, 16 * ns, in); /* xt (in, 48); tokens past nb zeros */
-        for (int64_t k = 0; k < g; k++) {
+        for (int64_t k = k0; k < k1; k++) {
             gather_interleaved_rows(xt, xg, c, g, k, 16 * ns);
             for (int64_t ot = 0; ot < nt; ot++) {
                 const int64_t ow = oc - ot * F2_OT < F2_OT ? oc - ot * F2_OT : F2_OT;
@@ -826,9 +829,9 @@ static void io_forward_job(job_t *j) {
     if (xt == NULL || wpad == NULL || (!wide && xg == NULL)) {
         j->failed = 1;
     } else if (wide) {
-        io_forward_avx512(j->src, j->w, j->bias, j->dst, j->n0, j->n1, in, j->out, j->g, xt, wpad);
+        io_forward_avx512(j->src, j->w, j->bias, j->dst, j->n0, j->n1, in, j->out, j->g, j->k0, j->k1, xt, wpad);
     } else {
-        io_forward_avx2(j->src, j->w, j->bias, j->dst, j->n0, j->n1, in, j->out, j->g, xt, xg, wpad);
+        io_forward_avx2(j->src, j->w, j->bias, j->dst, j->n0, j->n1, in, j->out, j->g, j->k0, j->k1, xt, xg, wpad);
     }
     free(xt);
     free(xg);
@@ -925,8 +928,9 @@ static void *thread_main(void *arg) {
 
 #define MAX_THREADS 64
 
-/* Split tokens over `threads` workers (the caller's thread is one of them); returns 0, or -1 if a
-   worker failed (out of memory, or io_forward without AVX-512). */
+/* Split the work over `threads` workers (the caller's thread is one of them): tokens, or groups
+   for io_small and io_dw (and io_forward on few tokens, below); returns 0, or -1 if a worker
+   failed (out of memory). */
 static int run_split(job_t proto, int threads) {
     const int64_t n = proto.kind == 3 || proto.kind == 5 ? proto.g : proto.n; /* io_small, io_dw: groups */
     if (threads < 1) threads = 1;
@@ -935,10 +939,26 @@ static int run_split(job_t proto, int threads) {
     job_t jobs[MAX_THREADS];
     pthread_t tid[MAX_THREADS];
     int started[MAX_THREADS] = {0};
+    /* io_forward works in blocks of 48 tokens, and each block streams all the weights once. Split
+       evenly over few tokens, the workers' partial blocks add weight passes (32 tokens on two
+       threads: two blocks of 16, each about as slow as a full one). Where that costs more passes
+       in all than one worker would make, every worker takes all tokens and a share of the groups
+       instead (measured, docs/speed.md). */
+    const int64_t per_worker = (proto.n + threads - 1) / threads;
+    const int by_groups = proto.kind == 2 && proto.g >= threads &&
+                          (proto.n + 47) / 48 < threads * ((per_worker + 47) / 48);
     for (int w = 0; w < threads; w++) {
         jobs[w] = proto;
         jobs[w].n0 = n * w / threads;
         jobs[w].n1 = n * (w + 1) / threads;
+        jobs[w].k0 = 0;
+        jobs[w].k1 = proto.g;
+        if (by_groups) {
+            jobs[w].n0 = 0;
+            jobs[w].n1 = proto.n;
+            jobs[w].k0 = proto.g * w / threads;
+            jobs[w].k1 = proto.g * (w + 1) / threads;
+        }
         jobs[w].failed = 0;
     }
 #ifdef _OPENMP

@@ -189,8 +189,10 @@ FUSED_SHAPES = [(384, 384, 12), (1024, 384, 32), (36, 60, 3), (30, 20, 5), (7, 1
 
 @needs_block_kernels
 @pytest.mark.parametrize("n_in, n_out, g", FUSED_SHAPES)
-@pytest.mark.parametrize("kernel, n", [("io_forward", n) for n in (1, 15, 16, 17, 47, 48, 49, 130)]  # around
-                         + [("io_small", n) for n in (1, 3, 8)])  # the 16-token tile and the 48-token block
+# around the 16-token tile and the 48-token block; at 3 threads io_forward splits the groups up to
+# n = 200 (fewer weight passes) and the tokens at 130 and 400
+@pytest.mark.parametrize("kernel, n", [("io_forward", n) for n in (1, 15, 16, 17, 47, 48, 49, 130, 200, 400)]
+                         + [("io_small", n) for n in (1, 3, 8)])
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("bias", [False, True])
 def test_block_kernels_are_the_block(block_isa, n_in, n_out, g, kernel, n, threads, bias):
