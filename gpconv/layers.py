@@ -414,7 +414,7 @@ def _native_ok(*ts: torch.Tensor) -> bool:
             and not torch.compiler.is_compiling()):
         return False
     for t in ts:  # (a loop, not all(<generator>): this runs on every decode call of every block)
-        if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
+        if not t.is_cpu or t.dtype != torch.float32 or not t.is_contiguous():  # (is_cpu: 0.08 us, device.type 0.35)
             return False
     return True
 
@@ -582,7 +582,7 @@ def _eager_cpu(x: torch.Tensor) -> bool:
     """Eager CPU, outside torch.compile and CPU autocast: where the hand-written CPU paths (and
     the C kernels, which compute in the tensors' own float32) may run. Under autocast the block
     must follow autocast's dtype, so it takes the plain differentiable ops."""
-    return x.device.type == "cpu" and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
+    return x.is_cpu and not torch.compiler.is_compiling() and not torch.is_autocast_enabled("cpu")
 
 
 def _needs_grad(x: torch.Tensor, weight: torch.Tensor, bias, *more: torch.Tensor) -> bool:
@@ -766,7 +766,7 @@ def _io_gather(x: torch.Tensor, weight: torch.Tensor, bias, gather_index: torch.
 
 def _use_conv(x: torch.Tensor) -> bool:
     n = x.shape[0]
-    return x.device.type == "cpu" and n > 0 and (n >= CONV_MIN_TOKENS or torch.compiler.is_compiling())
+    return x.is_cpu and n > 0 and (n >= CONV_MIN_TOKENS or torch.compiler.is_compiling())
 
 
 NATIVE_SMALL_MAX_TOKENS = 8
