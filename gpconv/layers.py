@@ -453,15 +453,18 @@ def _cpu_vendor() -> str:
     return ""
 
 
+def _amd_avx512() -> bool:
+    """An AMD CPU running the AVX-512 kernels (Zen 4 and later), where some limits differ."""
+    return _native is not None and _native.isa() == "avx512" and _cpu_vendor() == "AuthenticAMD"
+
+
 def _default_fused_max_out() -> int:
     # AMD's AVX-512 (Zen 4) runs the fused forward faster than MKL's two GEMMs at every Phi-3 /
     # Llama group width measured: 1,024 tokens, one thread, 0.72-0.95x on 128-2048 outputs per
     # group, Llama-7B up_proj's 688 at 1.02; at two threads 0.71-1.00 (docs/speed.md). Intel's
     # (a Xeon with two 512-bit FMA units) ran MKL faster on wide groups, and AVX2 does everywhere
     # above ~192 (Zen 3; Zen 4: 1.21x on qkv_proj's 768).
-    if _native is not None and _native.isa() == "avx512" and _cpu_vendor() == "AuthenticAMD":
-        return 2048
-    return 192
+    return 2048 if _amd_avx512() else 192
 
 
 FUSED_MAX_OUT_PER_GROUP = _default_fused_max_out()
@@ -769,14 +772,20 @@ def _use_conv(x: torch.Tensor) -> bool:
     return x.is_cpu and n > 0 and (n >= CONV_MIN_TOKENS or torch.compiler.is_compiling())
 
 
-NATIVE_SMALL_MAX_TOKENS = 8
+def _default_small_max_tokens() -> int:
+    return 31 if _amd_avx512() else 8  # (why: the docstring below)
+
+
+NATIVE_SMALL_MAX_TOKENS = _default_small_max_tokens()
 """Inference, CPU float32, AVX-512 or AVX2: up to this many tokens (decode) the io block is one
 ``gpconv._native.io_small`` call; from :data:`FUSED_MIN_TOKENS` on (groups of at most
-:data:`FUSED_MAX_OUT_PER_GROUP` outputs) one ``io_forward`` call. Measured one thread, medians
-(docs/speed.md): AVX-512, 1 token, SmolLM2 -m 64 shapes 3.3-10.7 us against 18.6-35.5 us for
-gather + bmm, Phi-3's 1.1-1.3x faster; AVX2, tiny-phi3 / SmolLM2 -m 64 shapes, 0.65-0.80x the
-time of gather + bmm at 1 token and 0.52-0.75x at 4. Between the two limits gather + bmm was as
-fast or faster."""
+:data:`FUSED_MAX_OUT_PER_GROUP` outputs) one ``io_forward`` call. Set when gpconv loads: 31 on AMD
+CPUs with AVX-512, 8 elsewhere. Measured, medians (docs/speed.md): AVX-512, 1 token, one thread,
+SmolLM2 -m 64 shapes 3.3-10.7 us against 18.6-35.5 us for gather + bmm, Phi-3's 1.1-1.3x faster;
+AVX2, tiny-phi3 / SmolLM2 -m 64 shapes, 0.65-0.80x the time of gather + bmm at 1 token and
+0.52-0.75x at 4; on the Xeon and the Zen 3 EPYC gather + bmm was as fast or faster from 9
+tokens on. On a Zen 4 EPYC io_small stayed ahead up to 31 tokens: one thread 0.54-0.92x on
+SmolLM2's shapes, 0.69-1.13x on Phi-3's o_proj / down_proj; two threads 0.23-0.78x."""
 
 FUSED_MIN_TOKENS = 32
 

@@ -400,10 +400,12 @@ def test_fused_gradients_run_in_training(monkeypatch, one_thread, block_isa):
 
 
 @needs_native
-@pytest.mark.parametrize("vendor, isa_name, limit", [("AuthenticAMD", "avx512", 2048), ("GenuineIntel", "avx512", 192),
-                                                     ("AuthenticAMD", "avx2", 192), ("", "avx512", 192)])
-def test_fused_forward_width_limit_follows_the_cpu(monkeypatch, vendor, isa_name, limit):
-    """Wide groups take the fused forward only where it was measured faster: AMD's AVX-512."""
+@pytest.mark.parametrize("vendor, isa_name, limit, small", [("AuthenticAMD", "avx512", 2048, 31),
+                                                            ("GenuineIntel", "avx512", 192, 8),
+                                                            ("AuthenticAMD", "avx2", 192, 8), ("", "avx512", 192, 8)])
+def test_kernel_limits_follow_the_cpu(monkeypatch, vendor, isa_name, limit, small):
+    """Wide groups take the fused forward, and 9-31 tokens io_small, only where that was measured
+    faster: AMD's AVX-512."""
     monkeypatch.setattr(layers, "_cpu_vendor", lambda: vendor)
 
     class Native:
@@ -413,6 +415,7 @@ def test_fused_forward_width_limit_follows_the_cpu(monkeypatch, vendor, isa_name
     real = layers._native
     monkeypatch.setattr(layers, "_native", Native())
     assert layers._default_fused_max_out() == limit
+    assert layers._default_small_max_tokens() == small
 
 
 def test_cpu_vendor_is_read_from_the_system():
@@ -432,9 +435,11 @@ def test_fused_forward_refuses_bad_shapes():
 
 @needs_block_kernels
 @pytest.mark.parametrize("permuted", [False, True])
-def test_inference_routes_by_token_count(monkeypatch, one_thread, permuted, block_isa):
+@pytest.mark.parametrize("small_max", [8, 31])  # the two CPU-chosen defaults of NATIVE_SMALL_MAX_TOKENS
+def test_inference_routes_by_token_count(monkeypatch, one_thread, permuted, block_isa, small_max):
     """Inference: a few tokens -> io_small, 32+ tokens of narrow groups -> io_forward, in between
     and with gradients -> torch's paths; every route gives the block's output."""
+    monkeypatch.setattr(layers, "NATIVE_SMALL_MAX_TOKENS", small_max)
     calls = []
     real = layers._native
 
@@ -448,7 +453,8 @@ def test_inference_routes_by_token_count(monkeypatch, one_thread, permuted, bloc
     if permuted:
         block.input_perm.copy_(torch.randperm(96))
     dense = block.to_dense().detach()
-    for n, route in [(1, "io_small"), (8, "io_small"), (9, None), (31, None), (32, "io_forward"), (200, "io_forward")]:
+    for n in (1, 8, 9, 31, 32, 200):
+        route = "io_small" if n <= small_max else "io_forward" if n >= 32 else None
         x = torch.randn(1, n, 96)  # N = n tokens
         calls.clear()
         with torch.no_grad():
@@ -508,9 +514,10 @@ def test_whole_model_logits_with_and_without_kernels(isa, family, threads):
 
 
 @needs_block_kernels
-def test_decode_path_does_not_build_the_gather_index(one_thread, block_isa):
+def test_decode_path_does_not_build_the_gather_index(monkeypatch, one_thread, block_isa):
     """The gather index is built only by the paths that read it: a 1-token call through the C
     kernel leaves the block's cache empty, a 20-token call (gather + bmm) fills it."""
+    monkeypatch.setattr(layers, "NATIVE_SMALL_MAX_TOKENS", 8)  # 20 tokens: gather + bmm on every CPU
     block = GroupedPointwiseBlock(96, 160, 8, bias=True)
     dense = block.to_dense().detach()
     block._gather_cache.clear()
@@ -579,6 +586,7 @@ def test_hybrid_block_routes_and_matches(monkeypatch, one_thread, block_isa, per
         torch.nn.init.normal_(p, std=0.2)
     if permuted:
         block.input_perm.copy_(torch.randperm(96))
+    monkeypatch.setattr(layers, "NATIVE_SMALL_MAX_TOKENS", 8)  # the default off AMD's AVX-512 (9: torch)
     for n, route in [(1, ("io_small", 13)), (8, ("io_small", 13)), (9, None), (32, ("io_forward", 9)),
                      (200, ("io_forward", 9))]:
         x = torch.randn(1, n, 96)
