@@ -406,7 +406,11 @@ def native_status() -> str:
     kernels = {"avx512": "fused forward + copies (AVX-512)", "avx2": "fused forward + copies (AVX2)",
                "portable": "copies only (no AVX2)"}[_native.isa()]
     threads = "OpenMP, torch's threads" if _native.openmp else "no OpenMP, used at 1 thread only"
-    return f"on: {kernels}, {threads}"
+    if _native.isa() == "portable" or not FUSED_FORWARD:
+        return f"on: {kernels}, {threads}"
+    # the CPU-chosen routing limits, so that a benchmark's header says which paths its rows took
+    return (f"on: {kernels}, {threads}, fused forward <= {FUSED_MAX_OUT_PER_GROUP} outputs/group, "
+            f"decode kernel <= {NATIVE_SMALL_MAX_TOKENS} tokens")
 
 
 def _native_ok(*ts: torch.Tensor) -> bool:

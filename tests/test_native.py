@@ -176,6 +176,9 @@ def test_native_status_names_what_runs():
              "portable": "copies only (no AVX2)"}
     assert names[layers._native.isa()] in status
     assert ("OpenMP, torch's threads" in status) == bool(layers._native.openmp)
+    if layers._native.isa() != "portable":
+        assert (f"fused forward <= {layers.FUSED_MAX_OUT_PER_GROUP} outputs/group, "
+                f"decode kernel <= {layers.NATIVE_SMALL_MAX_TOKENS} tokens") in status
 
 
 needs_block_kernels = pytest.mark.skipif(
