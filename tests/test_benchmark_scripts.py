@@ -133,6 +133,32 @@ def test_bench_backward_times_both_gradients(tmp_path, capsys):
     assert r["tokens"] == 16 and set(r["samples_ms"]) == {"fused", "unfused", "dense"} and r["dense_ms"] > 0
 
 
+def test_bench_routes_times_every_path_and_names_the_default(tmp_path, capsys):
+    """bench_routes.py checks every inference path equals the block, times them, and reports the
+    fastest and the path gpconv's defaults take (recorded from the real call)."""
+    import json
+
+    bench = _script("bench_routes")
+    out = tmp_path / "routes.json"
+    assert bench.main(["--shapes", "a=96:72:12", "--tokens", "1", "20", "40", "130", "--reps", "2", "--threads", "1",
+                       "--json", str(out)]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["tokens"], r["groups"]) for r in rows] == [(1, 8), (20, 8), (40, 8), (130, 8)]
+    kernels = gpconv.layers._native is not None and gpconv.layers._native.isa() != "portable"  # timed
+    used = kernels and gpconv.layers.NATIVE and gpconv.layers.FUSED_FORWARD  # taken by default
+    expected = {"gather+bmm", "two-gemm"} | ({"io_small", "io_forward"} if kernels else set())
+    for r in rows:
+        assert set(r["ms"]) == expected and all(len(v) == 2 for v in r["samples_ms"].values())
+        assert r["fastest"] == min(r["ms"], key=r["ms"].get)
+        assert r["default_over_fastest"] == pytest.approx(r["ms"][r["default"]] / r["ms"][r["fastest"]])
+    small = gpconv.layers.NATIVE_SMALL_MAX_TOKENS
+    assert [r["default"] for r in rows] == (
+        ["io_small", "io_small" if small >= 20 else "gather+bmm", "io_forward", "io_forward"] if used
+        else ["gather+bmm", "gather+bmm", "gather+bmm", "two-gemm"])
+    with pytest.raises(SystemExit, match="bad --shapes entry"):
+        bench.main(["--shapes", "a=96:72"])
+
+
 def test_bench_block_takes_other_shapes(tmp_path, capsys):
     """--shapes NAME=IN:OUT times any layer shape (groups from --min-channels-per-group); a
     malformed one is one clear line and exit code 2."""
