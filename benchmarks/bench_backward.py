@@ -37,7 +37,7 @@ import time
 import torch
 
 from gpconv import layers
-from gpconv.bench import machine_info
+from gpconv.bench import machine_info, parse_shape_specs
 from gpconv.grouping import group_count
 
 SHAPES = {  # Phi-3-mini at min_channels_per_group 256, SmolLM2-135M at 64, one wide group (o_proj)
@@ -51,15 +51,10 @@ SHAPES = {  # Phi-3-mini at min_channels_per_group 256, SmolLM2-135M at 64, one 
 
 
 def _parse_shapes(specs: list[str]) -> dict:
-    out = {}
-    for spec in specs:
-        try:
-            name, dims = spec.split("=")
-            i, o, m = (int(v) for v in dims.split(":"))
-        except ValueError:
-            raise SystemExit(f"bench_backward: bad --shapes entry {spec!r}: want NAME=IN:OUT:MIN_CHANNELS_PER_GROUP")
-        out[name] = (i, o, m)
-    return out
+    try:
+        return parse_shape_specs(specs)
+    except ValueError as e:
+        raise SystemExit(f"bench_backward: {e}")
 
 
 def _time(fns: dict, reps: int) -> dict:

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -51,7 +50,7 @@ import torch
 from torch import nn
 
 from gpconv import layers
-from gpconv.bench import allocator
+from gpconv.bench import machine_info
 from gpconv.grouping import group_count
 from gpconv.layers import GroupedPointwiseBlock
 
@@ -208,21 +207,12 @@ def _fmt_row(r: dict, extras) -> str:
 
 
 def machine(device: str = "cpu") -> dict:
-    info = dict(
-        python=platform.python_version(), torch=torch.__version__, platform=platform.platform(),
-        threads=torch.get_num_threads(), cpus=os.cpu_count(), device=device,
-    )
+    info = machine_info()  # python, torch, platform, cpus, threads, cpu, native_kernels, allocator
+    info["device"] = device
+    info["native"] = info["native_kernels"]  # the key this script's JSON has always had
+    info.pop("gpu", None)  # gpu: the device measured, not any GPU present
     if device.startswith("cuda"):
         info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    info["native"] = layers.native_status()
-    info["allocator"] = allocator()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     return info
 
 

@@ -31,7 +31,7 @@ import time
 import torch
 
 from gpconv import GroupedPointwiseBlock, layers
-from gpconv.bench import machine_info
+from gpconv.bench import machine_info, parse_shape_specs
 from gpconv.grouping import group_count
 
 SHAPES = {  # SmolLM2-135M at min_channels_per_group 64, Phi-3-mini at 256
@@ -46,15 +46,10 @@ TOKENS = [1, 4, 8, 9, 16, 24, 31, 32, 64, 128, 512]
 
 
 def _parse_shapes(specs: list[str]) -> dict:
-    out = {}
-    for spec in specs:
-        try:
-            name, dims = spec.split("=")
-            i, o, m = (int(v) for v in dims.split(":"))
-        except ValueError:
-            raise SystemExit(f"bench_routes: bad --shapes entry {spec!r}: want NAME=IN:OUT:MIN_CHANNELS_PER_GROUP")
-        out[name] = (i, o, m)
-    return out
+    try:
+        return parse_shape_specs(specs)
+    except ValueError as e:
+        raise SystemExit(f"bench_routes: {e}")
 
 
 def default_route(x: torch.Tensor, block: GroupedPointwiseBlock) -> str:

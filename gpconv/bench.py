@@ -393,16 +393,39 @@ def allocator() -> str:
     return "glibc" if platform.system() == "Linux" else "unknown"
 
 
+def cpu_field(key: str) -> str | None:
+    """The first value of ``key`` in /proc/cpuinfo ("model name", "vendor_id"), or None where there
+    is none (not Linux, not that field)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith(key):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+def parse_shape_specs(specs: list[str]) -> dict[str, tuple[int, int, int]]:
+    """``NAME=IN:OUT:MIN_CHANNELS_PER_GROUP`` strings (the benchmarks' ``--shapes``) -> {name: (in,
+    out, min_channels_per_group)}; ValueError naming the bad entry."""
+    out = {}
+    for spec in specs:
+        try:
+            name, dims = spec.split("=")
+            i, o, m = (int(v) for v in dims.split(":"))
+        except ValueError:
+            raise ValueError(f"bad --shapes entry {spec!r}: want NAME=IN:OUT:MIN_CHANNELS_PER_GROUP") from None
+        out[name] = (i, o, m)
+    return out
+
+
 def machine_info() -> dict:
     info = dict(python=platform.python_version(), torch=torch.__version__, platform=platform.platform(),
                 cpus=os.cpu_count(), threads=torch.get_num_threads())
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                info["cpu"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_field("model name")
+    if cpu is not None:
+        info["cpu"] = cpu
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name()
     from .layers import native_status

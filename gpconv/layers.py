@@ -447,14 +447,9 @@ consulted when :data:`NATIVE` is on."""
 
 def _cpu_vendor() -> str:
     """The CPU's vendor string ("AuthenticAMD", "GenuineIntel"), or "" where it cannot be read."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return ""
+    from .bench import cpu_field  # (gpconv.bench imports this module only inside functions)
+
+    return cpu_field("vendor_id") or ""
 
 
 def _amd_avx512() -> bool:
@@ -462,16 +457,19 @@ def _amd_avx512() -> bool:
     return _native is not None and _native.isa() == "avx512" and _cpu_vendor() == "AuthenticAMD"
 
 
-def _default_fused_max_out() -> int:
+_AMD_AVX512 = _amd_avx512()  # read once at import: both CPU-chosen limits below depend on it
+
+
+def _default_fused_max_out(amd_avx512: bool) -> int:
     # AMD's AVX-512 (Zen 4) runs the fused forward faster than MKL's two GEMMs at every Phi-3 /
     # Llama group width measured: 1,024 tokens, one thread, 0.72-0.95x on 128-2048 outputs per
     # group, Llama-7B up_proj's 688 at 1.02; at two threads 0.71-1.00 (docs/speed.md). Intel's
     # (a Xeon with two 512-bit FMA units) ran MKL faster on wide groups, and AVX2 does everywhere
     # above ~192 (Zen 3; Zen 4: 1.21x on qkv_proj's 768).
-    return 2048 if _amd_avx512() else 192
+    return 2048 if amd_avx512 else 192
 
 
-FUSED_MAX_OUT_PER_GROUP = _default_fused_max_out()
+FUSED_MAX_OUT_PER_GROUP = _default_fused_max_out(_AMD_AVX512)
 """The fused forward only for groups of at most this many outputs; chosen when gpconv loads, by
 CPU: 2048 on AMD CPUs with AVX-512, 192 elsewhere. The kernel re-reads a 48-token slice of x once
 per output tile and streams all weights once per 48 tokens, so where MKL's blocking is stronger
@@ -776,11 +774,11 @@ def _use_conv(x: torch.Tensor) -> bool:
     return x.is_cpu and n > 0 and (n >= CONV_MIN_TOKENS or torch.compiler.is_compiling())
 
 
-def _default_small_max_tokens() -> int:
-    return 31 if _amd_avx512() else 8  # (why: the docstring below)
+def _default_small_max_tokens(amd_avx512: bool) -> int:
+    return 31 if amd_avx512 else 8  # (why: the docstring below)
 
 
-NATIVE_SMALL_MAX_TOKENS = _default_small_max_tokens()
+NATIVE_SMALL_MAX_TOKENS = _default_small_max_tokens(_AMD_AVX512)
 """Inference, CPU float32, AVX-512 or AVX2: up to this many tokens (decode) the io block is one
 ``gpconv._native.io_small`` call; from :data:`FUSED_MIN_TOKENS` on (groups of at most
 :data:`FUSED_MAX_OUT_PER_GROUP` outputs) one ``io_forward`` call. Set when gpconv loads: 31 on AMD

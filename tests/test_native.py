@@ -417,8 +417,9 @@ def test_kernel_limits_follow_the_cpu(monkeypatch, vendor, isa_name, limit, smal
 
     real = layers._native
     monkeypatch.setattr(layers, "_native", Native())
-    assert layers._default_fused_max_out() == limit
-    assert layers._default_small_max_tokens() == small
+    amd_avx512 = layers._amd_avx512()
+    assert layers._default_fused_max_out(amd_avx512) == limit
+    assert layers._default_small_max_tokens(amd_avx512) == small
 
 
 def test_cpu_vendor_is_read_from_the_system():
