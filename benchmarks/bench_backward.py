@@ -6,10 +6,10 @@
 For each shape (``NAME=IN:OUT:MIN_CHANNELS_PER_GROUP``, groups by the paper's rule) and 1,024
 tokens (``--tokens``) it times, interleaved, ``--reps`` times, on the same random tensors:
 
-* ``dx``: ``gpconv._native.io_dx`` (one call) against the unfused chain it replaces in
+* ``dx``: ``io_dx`` (gpconv/layers/cpu/_native.c) (one call) against the unfused chain it replaces in
   ``_IOBlockCPU.backward``: ``dY W_own`` by ``bmm`` written through a strided view into dx,
   ``dY W_mixed`` by ``bmm`` into a reused buffer, and the ``uninterleave_add`` kernel;
-* ``dW``: ``gpconv._native.io_dw`` against the dY transpose, the grouped interleaved copy of x
+* ``dW``: ``io_dw`` against the dY transpose, the grouped interleaved copy of x
   and the two ``bmm`` into dW's halves.
 
 Outputs are preallocated on both sides (no page faults in either), and the script checks that
@@ -17,11 +17,11 @@ both sides give the same result before timing.
 
 ``--model MODEL`` instead times whole training steps (forward, cross-entropy on random tokens,
 backward; ``--batch`` x ``--seq`` tokens) of MODEL shrunk with ``-m --mcpg``, alternating
-``gpconv.layers.FUSED_BACKWARD`` on and off, and the dense original's step for scale:
+``fused_backward`` (gpconv.layers.KernelConfig) on and off, and the dense original's step for scale:
 
     python benchmarks/bench_backward.py --model smollm2-135m-instruct --mcpg 64 --threads 1 It prints medians and the median of the
-per-sample ratios (fused / unfused: below 1 is faster). Needs gpconv._native on an AVX2 CPU.
-gpconv routes groups of up to ``FUSED_GRAD_MAX_OUT_PER_GROUP`` (192) outputs to the kernels;
+per-sample ratios (fused / unfused: below 1 is faster). Needs gpconv's C kernels on an AVX2 CPU.
+gpconv routes groups of up to ``fused_grad_max_out_per_group`` (192) outputs to the kernels;
 wider shapes are listed to show why.
 """
 
@@ -37,8 +37,9 @@ import time
 import torch
 
 from gpconv import layers
+from gpconv.layers.cpu import native
 from gpconv.bench import machine_info, parse_shape_specs
-from gpconv.grouping import group_count
+from gpconv.layers import group_count
 
 SHAPES = {  # Phi-3-mini at min_channels_per_group 256, SmolLM2-135M at 64, one wide group (o_proj)
     "phi3.down": (8192, 3072, 256),
@@ -70,7 +71,7 @@ def _time(fns: dict, reps: int) -> dict:
 
 
 def case(n: int, n_in: int, n_out: int, g: int, threads: int, reps: int) -> list[dict]:
-    nat = layers._native
+    nat = native.ext
     c, oc = n_in // g, n_out // g
     gen = torch.Generator().manual_seed(0)
     x, dy = torch.randn(n, n_in, generator=gen), torch.randn(n, n_out, generator=gen)
@@ -125,12 +126,8 @@ def model_steps(spec: str, mcpg: int, batch: int, seq: int, reps: int) -> dict:
 
     def with_backward(on):
         def run():
-            before = layers.FUSED_BACKWARD
-            layers.FUSED_BACKWARD = on
-            try:
+            with layers.use_kernels(fused_backward=on):
                 step(student)
-            finally:
-                layers.FUSED_BACKWARD = before
         return run
 
     s = _time({"fused": with_backward(True), "unfused": with_backward(False), "dense": lambda: step(dense)}, reps)
@@ -153,12 +150,12 @@ def main(argv=None) -> int:
     ap.add_argument("--seq", type=int, default=256)
     args = ap.parse_args(argv)
     shapes = _parse_shapes(args.shapes) if args.shapes else SHAPES
-    if layers._native is None or layers._native.isa() == "portable":
-        print("bench_backward: needs gpconv._native on a CPU with AVX2 + FMA", file=sys.stderr)
+    if native.ext is None or native.isa() == "portable":
+        print("bench_backward: needs gpconv's C kernels on a CPU with AVX2 + FMA", file=sys.stderr)
         return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    threads = layers._threads()
+    threads = native.threads()
     info = machine_info()
     print(f"# {info.get('cpu', info['platform'])}, torch {torch.__version__}, threads {threads}, "
           f"{layers.native_status()}, malloc {info['allocator']}, loadavg {' '.join(f'{v:.2f}' for v in os.getloadavg())}")

@@ -4,7 +4,7 @@
     python benchmarks/bench_block.py --json out.json      # table + JSON
     python benchmarks/bench_block.py --legacy             # also time the previous gather+bmm code
     python benchmarks/bench_block.py --floor              # also time the bare GEMMs (the floor)
-    python benchmarks/bench_block.py --torch-copy         # also time the block without gpconv._native
+    python benchmarks/bench_block.py --torch-copy         # also time the block without the C kernels
     python benchmarks/bench_block.py --two-gemm           # ... and with the native copies but not the fused forward
     python benchmarks/bench_block.py --device cuda --dtype bfloat16   # on a GPU (the issue's bf16 check)
 
@@ -25,15 +25,15 @@ computes nothing useful; its time/param is what any implementation built on thes
 GEMMs could reach at best, i.e. how much of the gap to the target is data movement and how much
 is MKL running narrow GEMMs less efficiently than one wide dense one.
 
-``--torch-copy`` adds the same block with ``gpconv.layers.NATIVE = False``: the interleave and
+``--torch-copy`` adds the same block with ``use_kernels(native=False)``: the interleave and
 the backward's un-interleaving add done by torch's strided copies instead of the C kernels in
-gpconv/_native.c, so the kernels' effect is measured side by side in the same run.
-``--two-gemm`` adds the block with the native copies but ``gpconv.layers.FUSED_FORWARD = False``
+gpconv/layers/cpu/_native.c, so the kernels' effect is measured side by side in the same run.
+``--two-gemm`` adds the block with the native copies but ``fused_forward=False``
 (the interleaved copy + two MKL GEMMs forward), and ``--fused`` the block with the fused forward
-forced on every shape (``FUSED_MAX_OUT_PER_GROUP`` and ``FUSED_GRAD_MAX_OUT_PER_GROUP`` lifted:
+forced on every shape (``fused_max_out_per_group`` and ``fused_grad_max_out_per_group`` lifted:
 the gradient kernels too): the default picks between the two by the group width (by CPU: see
-``gpconv.layers.FUSED_MAX_OUT_PER_GROUP``), and these sides show what each would give.
-``--unfused-dx`` adds the block with ``gpconv.layers.FUSED_BACKWARD = False`` (the backward's
+``gpconv.layers.kernel_config()``), and these sides show what each would give.
+``--unfused-dx`` adds the block with ``fused_backward=False`` (the backward's
 input gradient as two MKL GEMMs + the un-interleaving add instead of one io_dx call).
 """
 
@@ -51,8 +51,7 @@ from torch import nn
 
 from gpconv import layers
 from gpconv.bench import machine_info
-from gpconv.grouping import group_count
-from gpconv.layers import GroupedPointwiseBlock
+from gpconv.layers import GroupedPointwiseBlock, group_count
 
 PHI3_SHAPES = [("qkv_proj", 3072, 9216), ("o_proj", 3072, 3072), ("gate_up_proj", 3072, 16384), ("down_proj", 8192, 3072)]
 
@@ -97,24 +96,18 @@ def _case_fns(module_fn, x, params, dy, backward: bool):
 
 
 def _with(fn, **settings):
-    """``fn`` with attributes of gpconv.layers set to ``settings`` for the duration of each call."""
+    """``fn`` under the kernel routing ``settings`` (gpconv.layers.KernelConfig fields) for each call."""
     def run():
-        before = {k: getattr(layers, k) for k in settings}
-        for k, v in settings.items():
-            setattr(layers, k, v)
-        try:
+        with layers.use_kernels(**settings):
             fn()
-        finally:
-            for k, v in before.items():
-                setattr(layers, k, v)
     return run
 
 
-VARIANTS = {  # extra sides: the same block under other gpconv.layers settings
-    "torch-copy": dict(NATIVE=False),
-    "two-gemm": dict(FUSED_FORWARD=False),
-    "fused": dict(FUSED_MAX_OUT_PER_GROUP=1 << 30, FUSED_GRAD_MAX_OUT_PER_GROUP=1 << 30),
-    "unfused-dx": dict(FUSED_BACKWARD=False),
+VARIANTS = {  # extra sides: the same block under other kernel routing (gpconv.layers.KernelConfig)
+    "torch-copy": dict(native=False),
+    "two-gemm": dict(fused_forward=False),
+    "fused": dict(fused_max_out_per_group=1 << 30, fused_grad_max_out_per_group=1 << 30),
+    "unfused-dx": dict(fused_backward=False),
 }
 
 

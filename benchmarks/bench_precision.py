@@ -6,12 +6,12 @@ the training steps (``TrainResult.train_s``), the part of it in the teacher's fo
 and the first logged loss (the two precisions should agree closely).
 
     OMP_NUM_THREADS=1 python benchmarks/bench_precision.py runs/students/hybrid-permute@0.5
-    OMP_NUM_THREADS=1 python benchmarks/bench_precision.py STUDENT --native-off   # + fp32 without gpconv._native
+    OMP_NUM_THREADS=1 python benchmarks/bench_precision.py STUDENT --native-off   # + fp32 without the C kernels
 
 The student is any saved gpconv model (e.g. one written by ``compare.py --save-students``); the
 teacher is SmolLM2-135M-Instruct (offline); data: Alpaca rows from ``../shared/data``.
 bf16 pays off on CPUs with AMX or AVX-512 BF16; elsewhere it can be slower than fp32.
-``--native-off`` adds a third side, fp32 with ``gpconv.layers.NATIVE = False`` (torch's paths
+``--native-off`` adds a third side, fp32 with ``use_kernels(native=False)`` (torch's paths
 instead of the C kernels, which only run in fp32), in the same alternation.
 """
 
@@ -49,19 +49,15 @@ def main() -> None:
     times: dict[str, list[float]] = {"fp32": [], "bf16": []}
     if args.native_off:
         times["fp32-native-off"] = []
-    native = layers.NATIVE
     for rnd in range(args.rounds):
         for side in times:
             precision = side.split("-")[0]
             student = copy.deepcopy(base)
-            layers.NATIVE = native and side != "fp32-native-off"
-            try:
-                with tempfile.TemporaryDirectory() as d:
-                    cfg = gpconv.TrainConfig(out_dir=d, max_steps=args.steps, batch_size=args.batch_size, lr=5e-4,
-                                             precision=precision, progress=False, save_every=0, eval_batches=1, seed=0)
-                    res = gpconv.distill(student, teacher, train, cfg)
-            finally:
-                layers.NATIVE = native
+            with layers.use_kernels(native=layers.kernel_config().native and side != "fp32-native-off"), \
+                    tempfile.TemporaryDirectory() as d:
+                cfg = gpconv.TrainConfig(out_dir=d, max_steps=args.steps, batch_size=args.batch_size, lr=5e-4,
+                                         precision=precision, progress=False, save_every=0, eval_batches=1, seed=0)
+                res = gpconv.distill(student, teacher, train, cfg)
             loss = next(h["loss"] for h in res.history if h.get("split") == "train")
             times[side].append(res.train_s)
             print(f"round {rnd} {side}: train {res.train_s:.1f} s (teacher {res.teacher_s:.1f} s), "

@@ -8,13 +8,13 @@ the one gpconv's defaults take.
 An io block in inference (CPU, float32) takes one of four paths, chosen by the token count and the
 group width: ``io_small`` (the C decode kernel), gather + ``bmm`` (torch), ``io_forward`` (the fused
 C kernel) or the interleaved copy + two MKL GEMMs (``two-gemm``). The limits between them
-(``gpconv.layers.NATIVE_SMALL_MAX_TOKENS``, ``FUSED_MIN_TOKENS``, ``FUSED_MAX_OUT_PER_GROUP``,
-``CONV_MIN_TOKENS``) were measured on a few CPUs and some are chosen by CPU at import
+(``small_max_tokens``, ``fused_min_tokens``, ``fused_max_out_per_group``,
+``conv_min_tokens`` of gpconv.layers.KernelConfig) were measured on a few CPUs and some are chosen by CPU at import
 (docs/speed.md). This script times every path that can run, interleaved, medians of ``--reps``
 samples (each sample one call; outputs allocated as in real use), checks that all paths give the
 same output, and prints for each case the fastest path, the path the current defaults take
 (recorded from the calls gpconv actually makes, not re-derived) and ``default/fastest``: above 1
-means the defaults leave speed on this CPU. Needs gpconv._native on an AVX2 or AVX-512 CPU for the
+means the defaults leave speed on this CPU. Needs gpconv's C kernels on an AVX2 or AVX-512 CPU for the
 two C paths (without it only the torch paths are timed; under GPCONV_NATIVE=0 they are still
 timed, called directly, and only the default column changes).
 """
@@ -30,9 +30,10 @@ import time
 
 import torch
 
-from gpconv import GroupedPointwiseBlock, layers
+from gpconv import layers
 from gpconv.bench import machine_info, parse_shape_specs
-from gpconv.grouping import group_count
+from gpconv.layers import GroupedPointwiseBlock, functional, group_count
+from gpconv.layers.cpu import dispatch, native
 
 SHAPES = {  # SmolLM2-135M at min_channels_per_group 64, Phi-3-mini at 256
     "smollm2.q": (576, 576, 64),
@@ -55,37 +56,35 @@ def _parse_shapes(specs: list[str]) -> dict:
 def default_route(x: torch.Tensor, block: GroupedPointwiseBlock) -> str:
     """The path gpconv's current settings take for this call, seen by recording its native calls."""
     calls = []
-    real = layers._native
+    real = native.ext
 
     class Recorder:
         def __getattr__(self, name):
             fn = getattr(real, name)
             return (lambda *a: calls.append(name) or fn(*a)) if name in ("io_small", "io_forward") else fn
 
-    layers._native = Recorder() if real is not None else None
+    native.ext = Recorder() if real is not None else None
     try:
         with torch.no_grad():
             block(x)
     finally:
-        layers._native = real
+        native.ext = real
     if calls:
         return calls[0]  # io_small or io_forward
-    return "two-gemm" if layers._use_conv(x) else "gather+bmm"
+    return "two-gemm" if functional.use_conv(x) else "gather+bmm"
 
 
 def paths(x: torch.Tensor, block: GroupedPointwiseBlock) -> dict:
     """Every inference path that can run here, each a no-argument function returning y (N, out)."""
-    w, n = block.weight.detach(), x.shape[0]
-    g, oc, k = w.shape
-    c = k // 2
+    w = block.weight.detach()
     idx = block.gather_index()
     fns = {
-        "gather+bmm": lambda: layers._io_gather(x, w, None, idx),
-        "two-gemm": lambda: layers._io_bmm(x, w, None, layers._interleave_into(x, layers._scratch((n, g, c), x))),
+        "gather+bmm": lambda: functional.io_gather(x, w, None, idx),
+        "two-gemm": lambda: dispatch.io_bmm_scratch(x, w, None),
     }
-    if layers._native is not None and layers._native.isa() != "portable":
-        fns["io_small"] = lambda: layers._io_native(x, w, None, True)
-        fns["io_forward"] = lambda: layers._io_native(x, w, None)
+    if native.ext is not None and native.isa() != "portable":
+        fns["io_small"] = lambda: native.io_forward(x, w, None, True)
+        fns["io_forward"] = lambda: native.io_forward(x, w, None)
     return fns
 
 

@@ -49,7 +49,7 @@ def write_checkpoint(path: Path, layers: int, shard_size: int = 2 * 10**9, seed:
     """Random bf16 weights for every tensor of the model, sharded; returns the weight bytes."""
     from safetensors.torch import save_file
 
-    from gpconv.models import build_meta
+    from gpconv.hub import build_meta
 
     cfg = phi3_mini_config(layers)
     meta = build_meta(cfg)
@@ -116,8 +116,8 @@ def check_output(src: Path, out: Path, layers: int) -> str:
     """Plan complete + one block equal to an independent projection of its dense weight."""
     from safetensors import safe_open
 
-    from gpconv.init import fit_io_weight
-    from gpconv.io import _weight_files
+    from gpconv.fitting import fit_io_weight
+    from gpconv.hub import weight_files as _weight_files
     from gpconv.layers import GroupedPointwiseBlock
 
     cfg = json.loads((out / "config.json").read_text())

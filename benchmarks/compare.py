@@ -46,8 +46,8 @@ from pathlib import Path
 import torch
 
 import gpconv
-from gpconv import GPConvConfig, count_parameters, shrink
-from gpconv.calibrate import Calibration
+from gpconv import GPConvConfig, shrink
+from gpconv.surgery import Calibration, count_parameters
 from gpconv.data import Rows, build_datasets, load_rows
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -130,8 +130,8 @@ def load_data(tok, block_size: int, eval_blocks: int, calib_blocks: int,
     held, _ = build_datasets(part(4500, 5000), tok, **kw)
     wiki, _ = build_datasets(wikitext_path, tok, format="plain", block_size=block_size, val_size=0)
     n = eval_blocks
-    sets = {"alpaca": gpconv.TokenBlocks(held.input_ids[:n], held.labels[:n]),
-            "wikitext": gpconv.TokenBlocks(wiki.input_ids[:n], wiki.labels[:n])}
+    sets = {"alpaca": gpconv.data.TokenBlocks(held.input_ids[:n], held.labels[:n]),
+            "wikitext": gpconv.data.TokenBlocks(wiki.input_ids[:n], wiki.labels[:n])}
     cb = calib.input_ids[:calib_blocks]
     return {"sets": sets, "train": train, "calib_batches": [cb[i:i + 4] for i in range(0, len(cb), 4)]}
 
@@ -286,7 +286,7 @@ def load_student(path: Path, teacher, device: str):
 
     from gpconv.surgery import describe
 
-    from gpconv.io import _weight_files, load_meta, load_state_
+    from gpconv.hub import weight_files as _weight_files, load_meta, load_state_
 
     if not (path / "student.json").is_file():
         sys.exit(f"--students: no saved student at {path}")

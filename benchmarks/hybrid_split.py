@@ -10,7 +10,7 @@ budget that gpconv offers: all low-rank (whitened SVD), all grouped (one io bloc
 optionally with the channel permutation too. It prints each option's relative output error
 ``sqrt(E||(W - A) x||^2 / E||W x||^2)`` on held-out calibration tokens.
 
-This is the measurement behind the hybrid's per-layer split (``gpconv.budget.best_split``) and
+This is the measurement behind the hybrid's per-layer split (``gpconv.surgery.best_split``) and
 docs/quality.md. Data: Alpaca rows from ``../shared/data`` (read by the script, not the tests).
 """
 
@@ -26,11 +26,10 @@ from pathlib import Path
 import torch
 
 import gpconv
-from gpconv import BlockSpec
-from gpconv.budget import split_specs
-from gpconv.calibrate import Calibration, collect_stats
+from gpconv.layers import BlockSpec
+from gpconv.surgery import Calibration, collect_stats, split_specs
 from gpconv.data import Rows, build_datasets, load_rows
-from gpconv.init import fit_layer
+from gpconv.fitting import fit_layer
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 LAYERS = ("self_attn.q_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.down_proj")

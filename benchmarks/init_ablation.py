@@ -24,7 +24,7 @@ import torch
 
 import gpconv
 from gpconv import GPConvConfig, shrink
-from gpconv.calibrate import Calibration
+from gpconv.surgery import Calibration
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare import io_uniform, load_data, perplexities  # noqa: E402

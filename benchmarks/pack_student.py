@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import gpconv
-from gpconv.io import _weight_files
+from gpconv.hub import weight_files as _weight_files
 
 
 def main():

@@ -4,9 +4,9 @@
 
 A hybrid block is ``G1(x) + G2(interleave(x)) + B(A(x))``: the low-rank term takes the head of
 the weight's spectrum and the grouped part is fitted to what it leaves. The channel permutation
-(``gpconv.init.choose_permutation``) packs the input channels that matter most to an output
+(``gpconv.fitting.choose_permutation``) packs the input channels that matter most to an output
 group into that group's support. This script fits every hybrid option that the split weighs
-(``gpconv.budget.split_specs``: an io block with g groups plus the rest of the budget as rank)
+(``gpconv.surgery.split_specs``: an io block with g groups plus the rest of the budget as rank)
 for a few layers of a pretrained model, with ``init=fit`` on the same calibration statistics,
 under three input orders:
 
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
-from gpconv.budget import split_specs
-from gpconv.init import choose_permutation, init_block_, relative_error
+from gpconv.surgery import split_specs
+from gpconv.fitting import choose_permutation, init_block_, relative_error
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hybrid_split import calibrated_layers, finish, layer_arguments  # noqa: E402  (same layers, data, options)

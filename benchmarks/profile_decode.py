@@ -10,7 +10,7 @@ This script times, with forward hooks around each call, every gpconv layer (Grou
 GroupedLinear, LowRankLinear) and the output embeddings module, over ``--steps`` one-token steps
 after a ``--prompt-len`` prompt, and prints each as milliseconds per step and as a share of the
 step's wall time (the hooks' own small cost is part of the step). MODEL is anything
-``gpconv.models.load_model`` takes: a gpconv or transformers directory, a .gguf, a hub id or a
+``gpconv.hub.load_model`` takes: a gpconv or transformers directory, a .gguf, a hub id or a
 built-in name.
 """
 
@@ -26,7 +26,7 @@ import torch
 from gpconv import layers
 from gpconv.bench import _forward, _forward_kwargs, _token_ids  # the calls `gpconv bench` times
 from gpconv.errors import GPConvError
-from gpconv.models import load_model
+from gpconv.hub import load_model
 
 GPCONV_LAYERS = (layers.GroupedPointwiseBlock, layers.GroupedLinear, layers.LowRankLinear)
 

@@ -1,5 +1,5 @@
-"""Time of the hybrid surgery per layer: the split (``gpconv.budget.best_split``, with the channel
-permutation) and the fit of the block it picks (``gpconv.init.fit_layer``), on real layers.
+"""Time of the hybrid surgery per layer: the split (``gpconv.surgery.best_split``, with the channel
+permutation) and the fit of the block it picks (``gpconv.fitting.fit_layer``), on real layers.
 
     OMP_NUM_THREADS=1 python benchmarks/split_speed.py --layers 3 15 27 --fractions 0.25 --json out.json
 
@@ -16,8 +16,8 @@ import time
 import torch
 
 import gpconv
-from gpconv.budget import best_split
-from gpconv.init import fit_layer
+from gpconv.surgery import best_split
+from gpconv.fitting import fit_layer
 
 from hybrid_split import calibrated_layers, finish, layer_arguments
 

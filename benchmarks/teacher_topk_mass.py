@@ -13,7 +13,7 @@ import argparse
 import torch
 
 import gpconv
-from gpconv.teacher_cache import top_k_of
+from gpconv.recovery.losses import top_k_of
 
 
 def main():

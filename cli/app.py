@@ -16,6 +16,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import typer  # noqa: E402
 
+from gpconv.data import DataConfig  # noqa: E402
+from gpconv.surgery import CalibrationConfig, GPConvConfig  # noqa: E402
+
+from .options import Flag, Group  # noqa: E402
+
 app = typer.Typer(
     name="gpconv",
     help="Shrink causal LMs with grouped pointwise blocks (kphi-3), report the parameter budget, recover quality.",
@@ -67,6 +72,12 @@ def _split(values: Optional[List[str]]) -> Optional[List[str]]:
     return out or None
 
 
+def _targets(values: Optional[List[str]]):
+    """--targets as GPConvConfig wants it: a single pattern may be a preset or a regex."""
+    out = _split(values)
+    return out[0] if out is not None and len(out) == 1 else out
+
+
 def _overrides(values: Optional[List[str]]) -> dict:
     from gpconv.errors import GPConvError
 
@@ -82,37 +93,23 @@ def _overrides(values: Optional[List[str]]) -> dict:
     return out
 
 
-def _rank(value: Optional[str]):
-    from gpconv.errors import GPConvError
+def _number(flag: str, what: str):
+    """A parser of an int, or else a float, for ``flag`` (--rank, --val-size)."""
 
-    if value is None:
-        return None
-    try:
-        return int(value)
-    except ValueError:
+    def parse(value: Optional[str]):
+        from gpconv.errors import GPConvError
+
+        if value is None:
+            return None
         try:
-            return float(value)
+            return int(value)
         except ValueError:
-            raise GPConvError(f"--rank takes an integer rank or a fraction like 0.1, got {value!r}") from None
+            try:
+                return float(value)
+            except ValueError:
+                raise GPConvError(f"{flag} takes {what}, got {value!r}") from None
 
-
-def _config(targets, exclude, mcpg, overrides, variant, init, rank, **more):
-    """A GPConvConfig from CLI values; ``more`` passes further fields (None = the default)."""
-    from gpconv import GPConvConfig
-
-    targets = _split(targets)
-    if targets is not None and len(targets) == 1:
-        targets = targets[0]  # a single pattern may be a preset or a regex
-    return GPConvConfig(
-        target_modules=targets or "all-linear",
-        exclude_modules=_split(exclude),
-        min_channels_per_group=256 if mcpg is None else mcpg,
-        min_channels_per_group_overrides=_overrides(overrides),
-        variant=variant or "io",
-        init=init or "random",
-        rank=_rank(rank),
-        **{k: v for k, v in more.items() if v is not None},
-    )
+    return parse
 
 
 def _layer_list(value: Optional[str]):
@@ -125,6 +122,36 @@ def _layer_list(value: Optional[str]):
         return tuple(int(v) for v in value.split(",") if v.strip())
     except ValueError:
         raise GPConvError(f"--keep-layers takes comma-separated layer indices like 0,1,2, got {value!r}") from None
+
+
+# -- the option groups: one per config dataclass ------------------------------------------------
+
+SURGERY = Group(GPConvConfig, flags={
+    "target_modules": Flag(("--targets", "-t"), List[str], _targets, default=None, help=(
+        "Layers to replace: presets all-linear|attention|mlp, name suffixes, or a regex. Repeat or comma-separate.")),
+    "exclude_modules": Flag(("--exclude", "-x"), List[str], _split, help="Layers never to replace (same pattern rules)."),
+    "min_channels_per_group": Flag(("--min-channels-per-group", "-m")),
+    "min_channels_per_group_overrides": Flag(("--override",), List[str], _overrides, default=None, help=(
+        "Per-pattern min_channels_per_group, PATTERN=N (repeatable), e.g. down_proj=128.")),
+    "rank": Flag(cli_type=Optional[str], parse=_number("--rank", "an integer rank or a fraction like 0.1")),
+    "target_params": Flag(cli_type=Optional[str]),
+    "keep_layers": Flag(cli_type=Optional[str], parse=_layer_list, help="Keep exactly these decoder layers, e.g. 0,1,2."),
+})
+"""GPConvConfig on `gpconv shrink` (and, every option defaulting to "not given", `gpconv report`)."""
+
+CALIBRATION = Group(CalibrationConfig, prefix="calibration_", flags={
+    "source": Flag(("--calibration-data",), help=(
+        "Data for --init fit, error reports, budget and importance: a local json/jsonl/csv/parquet/txt file, "
+        "a hub dataset id, or lamini.")),
+    "sequential": Flag(("--sequential",)),
+    "refine_steps": Flag(("--refine-steps",)),
+    "refine_lr": Flag(("--refine-lr",)),
+})
+
+DATA = Group(DataConfig, exclude=("split",), flags={
+    "val_size": Flag(cli_type=Optional[str], parse=_number("--val-size", "a row count or a fraction like 0.05")),
+    "streaming": Flag(("--streaming/--no-streaming",)),
+})
 
 
 def _emit(report, as_json: bool, markdown: Optional[Path], max_rows: int = 60):

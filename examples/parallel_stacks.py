@@ -13,7 +13,7 @@ and returns logits:
    for a grouped pointwise block, in place, and returns the report (printed below);
 2. ``gpconv.train(model, blocks, TrainConfig(...))`` trains it (next-token cross-entropy);
 3. ``gpconv.save_pretrained(model, dir)`` writes ``model.safetensors`` + ``gpconv.json`` (the
-   plan); ``gpconv.load_into(ParallelStackLM(cfg), dir)`` rebuilds it from its own constructor.
+   plan); ``gpconv.hub.load_into(ParallelStackLM(cfg), dir)`` rebuilds it from its own constructor.
 
     python examples/parallel_stacks.py                      # trains on this file's own text
     python examples/parallel_stacks.py --stacks 2 --layers 64 --steps 0    # two stacks of 64: the 128-layer shape
@@ -98,15 +98,15 @@ class ParallelStackLM(nn.Module):
 
 
 def text_blocks(text: str, block_size: int, val_fraction: float = 0.1):
-    """Byte-level token blocks of ``text``: ``(train, val)`` as gpconv.TokenBlocks."""
-    tok = gpconv.models.byte_tokenizer()
+    """Byte-level token blocks of ``text``: ``(train, val)`` as gpconv.data.TokenBlocks."""
+    tok = gpconv.hub.byte_tokenizer()
     ids = torch.tensor(tok(text, add_special_tokens=False)["input_ids"])
     n = len(ids) // block_size
     if n < 2:
         raise ValueError(f"need at least {2 * block_size} tokens of text, got {len(ids)}")
     blocks = ids[: n * block_size].view(n, block_size)
     n_val = max(1, int(n * val_fraction))
-    return gpconv.TokenBlocks(blocks[n_val:]), gpconv.TokenBlocks(blocks[:n_val])
+    return gpconv.data.TokenBlocks(blocks[n_val:]), gpconv.data.TokenBlocks(blocks[:n_val])
 
 
 def main(argv=None) -> dict:
@@ -149,14 +149,14 @@ def main(argv=None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp) / "parallel-stacks"
         gpconv.save_pretrained(model, out, overwrite=True)
-        fresh = gpconv.load_into(ParallelStackLM(cfg), out)
+        fresh = gpconv.hub.load_into(ParallelStackLM(cfg), out)
         ids = torch.randint(0, cfg.vocab_size, (2, 16))
         model.eval()
         with torch.no_grad():
             same = torch.equal(model(ids), fresh.eval()(ids))
         files = sorted(p.name for p in Path(out).iterdir())
     if not args.quiet:
-        print(f"saved {files}; reloaded with gpconv.load_into: outputs {'identical' if same else 'DIFFER'}")
+        print(f"saved {files}; reloaded with gpconv.hub.load_into: outputs {'identical' if same else 'DIFFER'}")
     return {"report": report, "train": result, "reloaded_identical": same, "files": files, "model": model}
 
 

@@ -22,16 +22,23 @@ reads as a tokens/s ratio > 1, a saving as a memory ratio < 1.
 from __future__ import annotations
 
 import copy
+import inspect
 import json
+import multiprocessing as mp
 import os
-import platform
+import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
 
 import torch
 
+from . import system
 from .errors import GPConvError
+from .hfutil import parse_dtype
+from .hub import is_gpconv_dir, load_model
+from .layers import native_status
+from .surgery import densify
 
 
 @dataclass
@@ -131,8 +138,6 @@ def _forward_kwargs(model) -> tuple[str, bool]:
 
     transformers 5.x renamed ``past_key_values`` to ``cache``; older versions only know the former.
     """
-    import inspect
-
     params = inspect.signature(model.forward).parameters
     return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
 
@@ -189,9 +194,6 @@ def _param_stats(model) -> tuple[int, int]:
 
 def load_pair(model_dir: str, baseline: str | None, dtype=None):
     """``(dense, shrunk, dense_name, shrunk_name)``; without ``baseline``, dense = densify(copy)."""
-    from .io import densify
-    from .models import is_gpconv_dir, load_model
-
     if not os.path.isdir(os.path.expanduser(model_dir)):
         raise GPConvError(f"no such model directory: {model_dir}")
     if not is_gpconv_dir(model_dir) and baseline is None:
@@ -229,8 +231,6 @@ def _peak_rss_bytes() -> int:
     hwm = _rss_bytes("VmHWM")
     if hwm is not None:
         return hwm
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
@@ -239,9 +239,6 @@ def _memory_child(which: str, model_dir: str, baseline: str | None, dtype, batch
     try:
         torch.set_num_threads(threads)
         base = _rss_bytes()
-        from .io import densify
-        from .models import load_model
-
         if which == "shrunk":
             model, _ = load_model(model_dir, dtype=dtype)
         elif baseline is not None:
@@ -257,8 +254,6 @@ def _memory_child(which: str, model_dir: str, baseline: str | None, dtype, batch
 
 
 def _cpu_peak_rss(which, model_dir, baseline, dtype, batch, prompt_len, new_tokens, threads):
-    import multiprocessing as mp
-
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=_memory_child, args=(which, model_dir, baseline, dtype, batch, prompt_len, new_tokens, threads, q))
@@ -277,14 +272,6 @@ def _cpu_peak_rss(which, model_dir, baseline, dtype, batch, prompt_len, new_toke
 # --------------------------------------------------------------------------------------------
 
 
-def _loadavg() -> str:
-    """The 1/5/15-minute load averages (the machine is shared: numbers come with their load)."""
-    try:
-        return " ".join(open("/proc/loadavg").read().split()[:3])
-    except OSError:
-        return "n/a"
-
-
 def bench(
     model_dir: str,
     baseline: str | None = None,
@@ -298,9 +285,18 @@ def bench(
     memory: bool = True,
     threads: int | None = None,
 ) -> BenchResult:
-    """Measure dense vs shrunk (see module docs). ``dtype`` None keeps the checkpoints'."""
-    from .models import parse_dtype
+    """Measure dense vs shrunk (see module docs).
 
+    Args:
+        device: cpu | cuda.
+        dtype: float32 | bfloat16 | float16 for both models; None (auto) keeps the checkpoints'.
+        batch: Sequences per forward pass.
+        prompt_len: Prompt tokens (prefill).
+        new_tokens: Decode steps with the KV cache.
+        repeats: Interleaved repetitions per model (medians).
+        memory: CPU: measure peak RSS in a child process per model.
+        threads: torch.set_num_threads (default: torch's).
+    """
     for name, v, lo in (("batch", batch, 1), ("prompt_len", prompt_len, 1), ("new_tokens", new_tokens, 1), ("repeats", repeats, 1)):
         if v < lo:
             raise GPConvError(f"{name} must be >= {lo}, got {v}")
@@ -325,7 +321,7 @@ def bench(
 
 
 def _bench(model_dir, baseline, dev, dtype, td, batch, prompt_len, new_tokens, repeats, memory) -> BenchResult:
-    load_before = _loadavg()
+    load_before = system.loadavg()
     dense, shrunk, dense_name, shrunk_name = load_pair(model_dir, baseline, td)
     max_pos = getattr(dense.config, "max_position_embeddings", None)
     if max_pos is not None and prompt_len + new_tokens > max_pos:
@@ -374,36 +370,8 @@ def _bench(model_dir, baseline, dev, dtype, td, batch, prompt_len, new_tokens, r
         device=str(dev), dtype=run_dtype, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
         repeats=repeats, threads=torch.get_num_threads(), memory_kind=memory_kind,
         dense=result("dense", dense_name), shrunk=result("shrunk", shrunk_name),
-        machine=machine_info(), loadavg=(load_before, _loadavg()),
+        machine=machine_info(), loadavg=(load_before, system.loadavg()),
     )
-
-
-def allocator() -> str:
-    """Which malloc serves this process: "tcmalloc" or "jemalloc" when one is loaded (usually by
-    LD_PRELOAD), else "glibc". It changes CPU timings: glibc page-faults every fresh tensor of
-    32 MiB or more on each call, tcmalloc reuses freed memory (docs/speed.md)."""
-    try:
-        with open("/proc/self/maps") as f:
-            maps = f.read()
-    except OSError:
-        return "unknown"
-    for name in ("tcmalloc", "jemalloc"):
-        if f"lib{name}" in maps:
-            return name
-    return "glibc" if platform.system() == "Linux" else "unknown"
-
-
-def cpu_field(key: str) -> str | None:
-    """The first value of ``key`` in /proc/cpuinfo ("model name", "vendor_id"), or None where there
-    is none (not Linux, not that field)."""
-    try:
-        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
-            for line in f:
-                if line.startswith(key):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 def parse_shape_specs(specs: list[str]) -> dict[str, tuple[int, int, int]]:
@@ -421,15 +389,5 @@ def parse_shape_specs(specs: list[str]) -> dict[str, tuple[int, int, int]]:
 
 
 def machine_info() -> dict:
-    info = dict(python=platform.python_version(), torch=torch.__version__, platform=platform.platform(),
-                cpus=os.cpu_count(), threads=torch.get_num_threads())
-    cpu = cpu_field("model name")
-    if cpu is not None:
-        info["cpu"] = cpu
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    from .layers import native_status
-
-    info["native_kernels"] = native_status()  # gpconv._native on the CPU (docs/speed.md)
-    info["allocator"] = allocator()
-    return info
+    """:func:`gpconv.system.machine_info` plus which gpconv kernels ran (``native_kernels``)."""
+    return system.machine_info(native_kernels=native_status())

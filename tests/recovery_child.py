@@ -20,7 +20,7 @@ import torch
 torch.set_num_threads(1)  # the same kernels and reduction order in every run
 
 import gpconv  # noqa: E402
-from gpconv.models import tiny_phi3  # noqa: E402
+from gpconv.hub import tiny_phi3  # noqa: E402
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
 

@@ -53,7 +53,7 @@ def test_allocator_names_a_preloaded_malloc(tmp_path):
     import subprocess
     import sys
 
-    from gpconv.bench import allocator
+    from gpconv.system import allocator
 
     assert allocator() in ("glibc", "unknown")  # the test process preloads nothing
     lib = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"

@@ -5,7 +5,6 @@ bf16) loads back to the same model up to bf16 rounding; benchmarks/bench_precisi
 precisions."""
 
 import importlib.util
-import os
 import sys
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import torch
 
 import gpconv
 from gpconv import GPConvConfig, shrink
+from gpconv.layers.cpu import native
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -43,7 +43,7 @@ def test_saved_and_packed_students_load_back(tmp_path, monkeypatch):
     loaded, rep, mode, surgery_s = compare.load_student(saved, teacher, "cpu")
     replaced = sum(m.status == "replaced" for m in report.modules)
     assert replaced and (mode, surgery_s, compare._variant_counts(rep)) == ("grouped", 1.5, {"lowrank": replaced})
-    assert rep.after.non_embedding == report.after.non_embedding == gpconv.count_parameters(loaded).non_embedding
+    assert rep.after.non_embedding == report.after.non_embedding == gpconv.surgery.count_parameters(loaded).non_embedding
     assert rep.kept_fraction == report.kept_fraction
     torch.testing.assert_close(_logits(loaded, ids), want, atol=0, rtol=0)
 
@@ -84,9 +84,9 @@ def test_bench_precision_runs_both_precisions(tmp_path, monkeypatch, capsys):
     assert abs(losses["bf16"] - losses["fp32"]) < 0.05 * losses["fp32"]  # same step, bf16 rounding only
     assert abs(losses["fp32-native-off"] - losses["fp32"]) < 1e-3 * losses["fp32"]  # same maths, fp32
     assert "fp32 / bf16 time, best of 1:" in out and "fp32 native off / on time, best of 1:" in out
-    from gpconv import layers
+    from gpconv.layers import KernelConfig, kernel_config
 
-    assert layers.NATIVE == (layers._native is not None and os.environ.get("GPCONV_NATIVE", "1") != "0")  # restored
+    assert kernel_config() == KernelConfig.detect()  # restored
 
 
 def test_bench_block_times_every_side(tmp_path):
@@ -109,8 +109,8 @@ def test_bench_block_times_every_side(tmp_path):
     assert rep["machine"]["native"] == gpconv.layers.native_status()
 
 
-@pytest.mark.skipif(gpconv.layers._native is None or gpconv.layers._native.isa() == "portable",
-                    reason="the gradient kernels need gpconv._native on an AVX2 CPU")
+@pytest.mark.skipif(native.ext is None or native.isa() == "portable",
+                    reason="the gradient kernels need gpconv's C kernels on an AVX2 CPU")
 def test_bench_backward_times_both_gradients(tmp_path, capsys):
     """bench_backward.py checks the fused and unfused gradients agree, then times both, per shape."""
     import json
@@ -144,14 +144,14 @@ def test_bench_routes_times_every_path_and_names_the_default(tmp_path, capsys):
                        "--json", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["tokens"], r["groups"]) for r in rows] == [(1, 8), (20, 8), (40, 8), (130, 8)]
-    kernels = gpconv.layers._native is not None and gpconv.layers._native.isa() != "portable"  # timed
-    used = kernels and gpconv.layers.NATIVE and gpconv.layers.FUSED_FORWARD  # taken by default
+    kernels = native.ext is not None and native.isa() != "portable"  # timed
+    used = kernels and gpconv.layers.kernel_config().native and gpconv.layers.kernel_config().fused_forward  # taken by default
     expected = {"gather+bmm", "two-gemm"} | ({"io_small", "io_forward"} if kernels else set())
     for r in rows:
         assert set(r["ms"]) == expected and all(len(v) == 2 for v in r["samples_ms"].values())
         assert r["fastest"] == min(r["ms"], key=r["ms"].get)
         assert r["default_over_fastest"] == pytest.approx(r["ms"][r["default"]] / r["ms"][r["fastest"]])
-    small = gpconv.layers.NATIVE_SMALL_MAX_TOKENS
+    small = gpconv.layers.kernel_config().small_max_tokens
     assert [r["default"] for r in rows] == (
         ["io_small", "io_small" if small >= 20 else "gather+bmm", "io_forward", "io_forward"] if used
         else ["gather+bmm", "gather+bmm", "gather+bmm", "two-gemm"])

@@ -2,7 +2,7 @@
 
 import torch
 
-from gpconv.calibrate import Calibration, collect_stats, run_sequential
+from gpconv.surgery import Calibration, collect_stats, run_sequential
 from tiny_models import FAMILIES, VOCAB, shrunk_logit_errors
 
 
@@ -62,7 +62,7 @@ def test_sequential_sees_the_modified_prefix():
 
 def test_corrected_target_compensates_a_damaged_prefix():
     """With the dense model's inputs known, a layer can undo what the prefix lost."""
-    from gpconv.calibrate import LayerStats
+    from gpconv.surgery import LayerStats
 
     torch.manual_seed(0)
     n = 16

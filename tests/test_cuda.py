@@ -11,8 +11,9 @@ import pytest
 import torch
 
 import gpconv
-from gpconv import GPConvConfig, GroupedPointwiseBlock, TrainConfig, distill, shrink, train
-from gpconv import layers as L
+from gpconv import GPConvConfig, TrainConfig, distill, shrink, train
+from gpconv.layers import GroupedPointwiseBlock
+from conftest import route
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -52,7 +53,7 @@ def test_cuda_bf16_grouped_mm_matches_bmm_path(n_in, n_out, g, variant, rank, mo
     x = torch.randn(300, n_in, device="cuda", dtype=torch.bfloat16, requires_grad=True)
 
     def run(flag):
-        monkeypatch.setattr(L, "CUDA_GROUPED_MM", flag)
+        route(monkeypatch, cuda_grouped_mm=flag)
         b.zero_grad(set_to_none=True)
         x.grad = None
         y = b(x)
@@ -70,7 +71,7 @@ def test_cuda_bf16_grouped_mm_matches_bmm_path(n_in, n_out, g, variant, rank, mo
 
 
 def test_cuda_shrink_save_load_identical_logits(tmp_path):
-    model, tok = gpconv.models.tiny_phi3(seed=0)
+    model, tok = gpconv.hub.tiny_phi3(seed=0)
     model = model.cuda().eval()
     shrink(model, GPConvConfig(min_channels_per_group=16, init="project"))
     ids = torch.randint(0, model.config.vocab_size, (2, 24), device="cuda")
@@ -84,7 +85,7 @@ def test_cuda_shrink_save_load_identical_logits(tmp_path):
 
 
 def _small(seed):
-    return gpconv.models.tiny_phi3(seed=seed, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+    return gpconv.hub.tiny_phi3(seed=seed, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                    num_key_value_heads=4)[0]
 
 
@@ -130,7 +131,7 @@ def test_cuda_calibrated_hybrid_split_matches_cpu():
     the CPU, leaves every tensor on the GPU, and the shrunk models agree up to float rounding."""
     import copy
 
-    from gpconv.calibrate import Calibration
+    from gpconv.surgery import Calibration
 
     cpu = _small(0)
     gpu = copy.deepcopy(cpu).cuda()

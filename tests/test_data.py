@@ -8,7 +8,7 @@ import torch
 
 from gpconv import GPConvError, build_datasets
 from gpconv.data import Tokenization, detect_schema, load_rows, pack, tokenize
-from gpconv.models import byte_tokenizer
+from gpconv.hub import byte_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,10 @@ import pytest
 import torch
 from torch import nn
 
-from gpconv import GPConvError, TokenBlocks, build_datasets, compare, evaluate, generate
-from gpconv.evaluation import chat_prompt
-from gpconv.models import byte_tokenizer, tiny_phi3
+from gpconv import GPConvError, build_datasets, evaluate
+from gpconv.data import TokenBlocks
+from gpconv.recovery import chat_prompt, compare, generate
+from gpconv.hub import byte_tokenizer, tiny_phi3
 
 V = 320
 

@@ -37,7 +37,7 @@ def test_format1_checkpoint_loads_with_its_logits(tag, one_thread):
     plan = json.loads((path / "config.json").read_text())["gpconv"]["modules"]
     assert sorted({m["variant"] for m in plan.values()}) == INDEX[tag]["variants"]
     assert sum(m["permuted"] for m in plan.values()) == INDEX[tag]["permuted"]
-    assert gpconv.count_parameters(ours).non_embedding == INDEX[tag]["non_embedding"]
+    assert gpconv.surgery.count_parameters(ours).non_embedding == INDEX[tag]["non_embedding"]
 
 
 def test_fixture_covers_every_variant_and_both_shapes():

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from gpconv import GPConvError, group_count
-from gpconv.grouping import divisors, interleave, interleave_index
+from gpconv import GPConvError
+from gpconv.layers import divisors, group_count, interleave, interleave_index
 
 
 # The worked values: Phi-3 shapes at min_channels_per_group=256 (hidden 3072).

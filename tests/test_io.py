@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM
 
 import gpconv
 from gpconv import GPConvConfig, GPConvError, shrink
-from gpconv.io import atomic_dir
+from gpconv.fsutil import atomic_dir
 from tiny_models import FAMILIES, MCPG, VOCAB, TinyMLPLM
 
 
@@ -86,7 +86,7 @@ def test_densify_gives_a_plain_checkpoint(tmp_path):
         ids = _ids()
         ref = _logits(model, ids)
         gpconv.save_pretrained(model, tmp_path / family)
-        from gpconv.io import densify_dir
+        from gpconv.hub import densify_dir
 
         densify_dir(tmp_path / family, tmp_path / f"{family}-dense")
         cfg = json.loads((tmp_path / f"{family}-dense" / "config.json").read_text())
@@ -151,7 +151,7 @@ def test_custom_module_save_and_load_into(tmp_path):
         ref = model(ids)
     gpconv.save_pretrained(model, tmp_path / "m")
     assert json.loads((tmp_path / "m" / "gpconv.json").read_text())["modules"]
-    fresh = gpconv.load_into(TinyMLPLM(), tmp_path / "m")
+    fresh = gpconv.hub.load_into(TinyMLPLM(), tmp_path / "m")
     with torch.no_grad():
         assert torch.equal(fresh(ids), ref)
 

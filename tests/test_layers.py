@@ -1,8 +1,7 @@
 import pytest
 import torch
 
-from gpconv import BlockSpec, GroupedLinear, GroupedPointwiseBlock, LowRankLinear
-from gpconv.grouping import interleave
+from gpconv.layers import BlockSpec, GroupedLinear, GroupedPointwiseBlock, LowRankLinear, interleave
 
 SHAPES = [(12, 18, 3), (64, 128, 4), (64, 64, 8), (48, 96, 6), (96, 32, 8), (128, 64, 16)]
 

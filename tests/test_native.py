@@ -1,11 +1,10 @@
-"""gpconv._native: the io block's C interleave kernels equal torch's copies, bit for bit.
+"""gpconv.layers.cpu._native: the io block's C kernels equal torch's copies and GEMMs.
 
 The extension is optional (setup.py builds it with optional=True). Where a C compiler exists it
 must have been built: a silent build failure would otherwise turn every test here into a skip.
 """
 
 import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -13,8 +12,10 @@ import sys
 import pytest
 import torch
 
-from gpconv import GroupedPointwiseBlock
 from gpconv import layers
+from gpconv.layers import GroupedPointwiseBlock, KernelConfig, kernel_config
+from gpconv.layers.cpu import native
+from conftest import route
 
 # (c, g): Phi-3's o_proj / down_proj groups, g below, at and above one 16-wide (AVX-512) or
 # 8-wide (AVX2) tile, partial tiles of every width 1-7, c not a multiple of 16, a single
@@ -26,16 +27,16 @@ TOKENS = [1, 5, 130]
 def test_extension_is_built_where_a_compiler_exists():
     if shutil.which("cc") is None and shutil.which("gcc") is None:
         pytest.skip("no C compiler here: gpconv runs on torch's copies")
-    assert layers._native is not None, "gpconv._native was not built: reinstall with `pip install -e .` and read the compiler error"
+    assert native.ext is not None, "gpconv._native was not built: reinstall with `pip install -e .` and read the compiler error"
 
 
-needs_native = pytest.mark.skipif(layers._native is None, reason="gpconv._native not built")
+needs_native = pytest.mark.skipif(native.ext is None, reason="gpconv._native not built")
 
 
 @pytest.fixture(autouse=True)
 def kernels_on(monkeypatch):
     """These tests are about the kernels: on even under GPCONV_NATIVE=0 (where built)."""
-    monkeypatch.setattr(layers, "NATIVE", layers._native is not None)
+    route(monkeypatch, native=native.ext is not None)
 
 
 @pytest.fixture
@@ -49,9 +50,9 @@ def one_thread():
 
 def _use_isa(name):
     """Switch the kernels to ``name``; skip the test where this CPU lacks it. Returns the old one."""
-    before = layers._native.set_isa(name)
-    if layers._native.isa() != name:
-        layers._native.set_isa(before)
+    before = native.ext.set_isa(name)
+    if native.ext.isa() != name:
+        native.ext.set_isa(before)
         pytest.skip(f"this CPU has no {name}")
     return before
 
@@ -61,7 +62,7 @@ def isa(request):
     """Run a test with each version of the copy kernels this CPU has (AVX-512, AVX2, portable)."""
     before = _use_isa(request.param)
     yield request.param
-    layers._native.set_isa(before)
+    native.ext.set_isa(before)
 
 
 @pytest.fixture(params=["avx512", "avx2"])
@@ -69,7 +70,7 @@ def block_isa(request):
     """The block kernels (io_forward, io_small): AVX-512 and AVX2 versions, where the CPU has them."""
     before = _use_isa(request.param)
     yield request.param
-    layers._native.set_isa(before)
+    native.ext.set_isa(before)
 
 
 @needs_native
@@ -79,7 +80,7 @@ def block_isa(request):
 def test_interleave_matches_torch(isa, c, g, n, threads):
     x = torch.randn(n, c * g)
     out = torch.full((n, g, c), float("nan"))
-    layers._native.interleave(x.data_ptr(), out.data_ptr(), n, c, g, threads)
+    native.ext.interleave(x.data_ptr(), out.data_ptr(), n, c, g, threads)
     assert torch.equal(out, x.view(n, c, g).transpose(1, 2))
 
 
@@ -89,10 +90,10 @@ def test_interleave_matches_torch(isa, c, g, n, threads):
 def test_interleave_grouped_layout_and_plain_transpose(isa, c, g, n):
     x = torch.randn(n, c * g)
     out = torch.full((g, n, c), float("nan"))
-    layers._native.interleave(x.data_ptr(), out.data_ptr(), n, c, g, 2, True)
+    native.ext.interleave(x.data_ptr(), out.data_ptr(), n, c, g, 2, True)
     assert torch.equal(out, x.view(n, c, g).permute(2, 0, 1))  # (N, c, g) -> (g, N, c)
     t = torch.full((c * g, n), float("nan"))  # n = 1 per call: a 2-D transpose of (n, c*g)
-    layers._native.interleave(x.data_ptr(), t.data_ptr(), 1, n, c * g)
+    native.ext.interleave(x.data_ptr(), t.data_ptr(), 1, n, c * g)
     assert torch.equal(t, x.t())
 
 
@@ -105,7 +106,7 @@ def test_uninterleave_add_matches_torch(isa, c, g, n, threads):
     dx = torch.randn(n, c * g)
     ref = dx.clone()
     ref.view(n, c, g).add_(d_mixed.permute(1, 2, 0))
-    layers._native.uninterleave_add(d_mixed.data_ptr(), dx.data_ptr(), n, c, g, threads)
+    native.ext.uninterleave_add(d_mixed.data_ptr(), dx.data_ptr(), n, c, g, threads)
     assert torch.equal(dx, ref)
 
 
@@ -113,7 +114,7 @@ def test_uninterleave_add_matches_torch(isa, c, g, n, threads):
 def test_bad_arguments_raise():
     x = torch.zeros(4)
     with pytest.raises(ValueError, match="g >= 1"):
-        layers._native.interleave(x.data_ptr(), x.data_ptr(), 1, 4, 0)
+        native.ext.interleave(x.data_ptr(), x.data_ptr(), 1, 4, 0)
 
 
 @needs_native
@@ -123,8 +124,8 @@ def test_block_with_and_without_native_is_bit_equal(monkeypatch, n_in, n_out, g,
     """The io block's many-token CPU paths (inference and the hand-written backward) give the same
     bits with the native copy kernels as with torch's copies: only the data movement differs.
     (The fused kernels sum in another order: tested against the dense map below.)"""
-    monkeypatch.setattr(layers, "FUSED_FORWARD", False)
-    monkeypatch.setattr(layers, "FUSED_BACKWARD", False)
+    route(monkeypatch, fused_forward=False)
+    route(monkeypatch, fused_backward=False)
     torch.manual_seed(0)
     block = GroupedPointwiseBlock(n_in, n_out, g, bias=True)
     x = torch.randn(2, 150, n_in)  # 300 tokens: the many-token path
@@ -133,8 +134,8 @@ def test_block_with_and_without_native_is_bit_equal(monkeypatch, n_in, n_out, g,
     torch.set_num_threads(threads)
     try:
         results = []
-        for native in (True, False):
-            monkeypatch.setattr(layers, "NATIVE", native)
+        for on in (True, False):
+            route(monkeypatch, native=on)
             with torch.inference_mode():
                 y_inf = block(x)
             xg = x.clone().requires_grad_(True)
@@ -162,10 +163,10 @@ def test_one_openmp_runtime_in_the_process():
 
 def test_native_off_by_environment():
     """GPCONV_NATIVE=0 turns the kernels off for a whole process, and says so."""
-    code = "import gpconv.layers as l; print(l.NATIVE); print(l.native_status())"
+    code = "import gpconv.layers as l; print(l.kernel_config().native); print(l.native_status())"
     out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "GPCONV_NATIVE": "0"},
                          capture_output=True, text=True, check=True)
-    assert out.stdout.split("\n")[:2] == ["False", "off (torch paths)" if layers._native else "not built (torch paths)"]
+    assert out.stdout.split("\n")[:2] == ["False", "off (torch paths)" if native.ext else "not built (torch paths)"]
 
 
 @needs_native
@@ -174,15 +175,15 @@ def test_native_status_names_what_runs():
     assert status.startswith("on: ")
     names = {"avx512": "fused forward + copies (AVX-512)", "avx2": "fused forward + copies (AVX2)",
              "portable": "copies only (no AVX2)"}
-    assert names[layers._native.isa()] in status
-    assert ("OpenMP, torch's threads" in status) == bool(layers._native.openmp)
-    if layers._native.isa() != "portable":
-        assert (f"fused forward <= {layers.FUSED_MAX_OUT_PER_GROUP} outputs/group, "
-                f"decode kernel <= {layers.NATIVE_SMALL_MAX_TOKENS} tokens") in status
+    assert names[native.ext.isa()] in status
+    assert ("OpenMP, torch's threads" in status) == bool(native.ext.openmp)
+    if native.ext.isa() != "portable":
+        assert (f"fused forward <= {kernel_config().fused_max_out_per_group} outputs/group, "
+                f"decode kernel <= {kernel_config().small_max_tokens} tokens") in status
 
 
 needs_block_kernels = pytest.mark.skipif(
-    layers._native is None or layers._native.isa() == "portable",
+    native.ext is None or native.ext.isa() == "portable",
     reason="the fused forward needs gpconv._native on an AVX2 or AVX-512 CPU")
 
 # (in, out, g): Phi-3's o_proj / down_proj at 1/8 width, oc not a multiple of the 8-output (AVX-512)
@@ -207,7 +208,7 @@ def test_block_kernels_are_the_block(block_isa, n_in, n_out, g, kernel, n, threa
     x = torch.randn(n, n_in)
     y = torch.full((n, n_out), float("nan"))
     w, b = block.weight.detach(), None if block.bias is None else block.bias.detach()
-    getattr(layers._native, kernel)(x.data_ptr(), w.data_ptr(), 0 if b is None else b.data_ptr(), y.data_ptr(),
+    getattr(native.ext, kernel)(x.data_ptr(), w.data_ptr(), 0 if b is None else b.data_ptr(), y.data_ptr(),
                                     n, n_in, n_out, g, threads)
     ref = x.double() @ block.to_dense().double().t() + (0 if b is None else b.double())
     torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
@@ -225,7 +226,7 @@ def test_io_dx_is_the_blocks_input_gradient(block_isa, n_in, n_out, g, n, thread
     block = GroupedPointwiseBlock(n_in, n_out, g)
     dy = torch.randn(n, n_out)
     dx = torch.full((n, n_in), float("nan"))
-    layers._native.io_dx(dy.data_ptr(), block.weight.detach().data_ptr(), dx.data_ptr(), n, n_in, n_out, g, threads)
+    native.ext.io_dx(dy.data_ptr(), block.weight.detach().data_ptr(), dx.data_ptr(), n, n_in, n_out, g, threads)
     ref = dy.double() @ block.to_dense().double()
     torch.testing.assert_close(dx.double(), ref, rtol=1e-5, atol=1e-5)
 
@@ -248,7 +249,7 @@ def test_io_dw_is_the_blocks_weight_gradient(block_isa, n_in, n_out, g, n, threa
     torch.manual_seed(n)
     x, dy = torch.randn(n, n_in), torch.randn(n, n_out)
     dw = torch.full((g, n_out // g, 2 * n_in // g), float("nan"))
-    layers._native.io_dw(x.data_ptr(), dy.data_ptr(), dw.data_ptr(), n, n_in, n_out, g, threads)
+    native.ext.io_dw(x.data_ptr(), dy.data_ptr(), dw.data_ptr(), n, n_in, n_out, g, threads)
     torch.testing.assert_close(dw.double(), _weight_grad_ref(x, dy, g), rtol=1e-5, atol=1e-4)
 
 
@@ -256,15 +257,15 @@ def test_io_dw_is_the_blocks_weight_gradient(block_isa, n_in, n_out, g, n, threa
 @pytest.mark.parametrize("kernel", ["io_dx", "io_dw"])
 def test_gradient_kernels_refuse_bad_shapes_and_missing_isa(kernel):
     x = torch.zeros(8)
-    fn = getattr(layers._native, kernel)
+    fn = getattr(native.ext, kernel)
     with pytest.raises(ValueError, match="g dividing"):
         fn(x.data_ptr(), x.data_ptr(), x.data_ptr(), 1, 6, 4, 4)
-    before = layers._native.set_isa("portable")
+    before = native.ext.set_isa("portable")
     try:
         with pytest.raises(RuntimeError, match="AVX2"):
             fn(x.data_ptr(), x.data_ptr(), x.data_ptr(), 1, 2, 2, 1)
     finally:
-        layers._native.set_isa(before)
+        native.ext.set_isa(before)
 
 
 GUARD = 64  # floats of sentinel before and after each output
@@ -289,29 +290,29 @@ def test_kernels_write_only_their_output(isa, n_in, n_out, g, n):
     c = n_in // g
     x = torch.randn(n, n_in)
     buf, out = _guarded(n * n_in)
-    layers._native.interleave(x.data_ptr(), out.data_ptr(), n, c, g, 2)
+    native.ext.interleave(x.data_ptr(), out.data_ptr(), n, c, g, 2)
     assert _guards_intact(buf) and torch.equal(out.view(n, g, c), x.view(n, c, g).transpose(1, 2))
     d_mixed = torch.randn(g, n, c)
     buf, dx = _guarded(n * n_in)
     dx.zero_()
-    layers._native.uninterleave_add(d_mixed.data_ptr(), dx.data_ptr(), n, c, g, 2)
+    native.ext.uninterleave_add(d_mixed.data_ptr(), dx.data_ptr(), n, c, g, 2)
     assert _guards_intact(buf) and torch.equal(dx.view(n, c, g), d_mixed.permute(1, 2, 0))
-    if layers._native.isa() == "portable":
+    if native.ext.isa() == "portable":
         return
     w = torch.randn(g, n_out // g, 2 * c)
     b = torch.randn(n_out)
     for kernel in ("io_forward", "io_small"):
         buf, y = _guarded(n * n_out)
-        getattr(layers._native, kernel)(x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), n, n_in, n_out, g, 2)
+        getattr(native.ext, kernel)(x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), n, n_in, n_out, g, 2)
         assert _guards_intact(buf), kernel
         assert torch.isfinite(y).all() and not (y == 12345.0).any(), kernel
     dy = torch.randn(n, n_out)
     buf, dx = _guarded(n * n_in)
-    layers._native.io_dx(dy.data_ptr(), w.data_ptr(), dx.data_ptr(), n, n_in, n_out, g, 2)
+    native.ext.io_dx(dy.data_ptr(), w.data_ptr(), dx.data_ptr(), n, n_in, n_out, g, 2)
     assert _guards_intact(buf)
     assert torch.isfinite(dx).all() and not (dx == 12345.0).any()
     buf, dw = _guarded(w.numel())
-    layers._native.io_dw(x.data_ptr(), dy.data_ptr(), dw.data_ptr(), n, n_in, n_out, g, 2)
+    native.ext.io_dw(x.data_ptr(), dy.data_ptr(), dw.data_ptr(), n, n_in, n_out, g, 2)
     assert _guards_intact(buf)
     assert torch.isfinite(dw).all() and not (dw == 12345.0).any()
 
@@ -321,14 +322,14 @@ def test_fused_forward_runs_in_the_block_and_in_training(monkeypatch, one_thread
     """Inference and the training forward take the fused kernel (many tokens, float32); the output
     matches the two-GEMM path and gradients still come from the hand-written backward."""
     calls = []
-    real = layers._native.io_forward
-    native = layers._native
+    real = native.ext.io_forward
+    real_ext = native.ext
 
     class Spy:
         def __getattr__(self, name):
-            return (lambda *a: calls.append(a) or real(*a)) if name == "io_forward" else getattr(native, name)
+            return (lambda *a: calls.append(a) or real(*a)) if name == "io_forward" else getattr(real_ext, name)
 
-    monkeypatch.setattr(layers, "_native", Spy())
+    monkeypatch.setattr(native, "ext", Spy())
     torch.manual_seed(0)
     block = GroupedPointwiseBlock(384, 384, 12, bias=True)
     x = torch.randn(3, 100, 384, requires_grad=True)
@@ -337,11 +338,11 @@ def test_fused_forward_runs_in_the_block_and_in_training(monkeypatch, one_thread
     with torch.inference_mode():
         y_inf = block(x.detach())
     assert len(calls) == 2
-    monkeypatch.setattr(layers, "FUSED_MAX_OUT_PER_GROUP", 31)  # 32 outputs per group: too wide now
+    route(monkeypatch, fused_max_out_per_group=31)  # 32 outputs per group: too wide now
     with torch.inference_mode():
         torch.testing.assert_close(block(x.detach()), y_inf, rtol=1e-5, atol=1e-5)
     assert len(calls) == 2
-    monkeypatch.setattr(layers, "FUSED_FORWARD", False)
+    route(monkeypatch, fused_forward=False)
     x2 = x.detach().clone().requires_grad_(True)
     block_grads = [p.grad.clone() for p in block.parameters()]
     block.zero_grad()
@@ -361,14 +362,14 @@ def test_fused_gradients_run_in_training(monkeypatch, one_thread, block_isa):
     FUSED_BACKWARD off; each only for the gradient that is needed), and every route gives the
     same gradients."""
     calls = []
-    native = layers._native
+    real_ext = native.ext
 
     class Spy:
         def __getattr__(self, name):
-            real = getattr(native, name)
+            real = getattr(real_ext, name)
             return (lambda *a: calls.append(name) or real(*a)) if name in ("io_dx", "io_dw") else real
 
-    monkeypatch.setattr(layers, "_native", Spy())
+    monkeypatch.setattr(native, "ext", Spy())
     torch.manual_seed(0)
     block = GroupedPointwiseBlock(384, 384, 12, bias=True)
     x0 = torch.randn(2, 100, 384)
@@ -382,17 +383,17 @@ def test_fused_gradients_run_in_training(monkeypatch, one_thread, block_isa):
 
     fused = grads()
     assert sorted(calls) == ["io_dw", "io_dx"]
-    monkeypatch.setattr(layers, "FUSED_BACKWARD", False)
+    route(monkeypatch, fused_backward=False)
     unfused = grads()
     assert len(calls) == 2
-    monkeypatch.setattr(layers, "FUSED_BACKWARD", True)
-    monkeypatch.setattr(layers, "FUSED_GRAD_MAX_OUT_PER_GROUP", 31)  # 32 outputs per group: too wide now
+    route(monkeypatch, fused_backward=True)
+    route(monkeypatch, fused_grad_max_out_per_group=31)  # 32 outputs per group: too wide now
     wide = grads()
     assert len(calls) == 2
     for a, b, c in zip(fused, unfused, wide):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(a, c, rtol=1e-4, atol=1e-4)
-    monkeypatch.setattr(layers, "FUSED_GRAD_MAX_OUT_PER_GROUP", 192)
+    route(monkeypatch, fused_grad_max_out_per_group=192)
     block.zero_grad()
     block(x0).backward(dy)  # x needs no gradient: dW only
     assert calls[2:] == ["io_dw"]
@@ -402,68 +403,60 @@ def test_fused_gradients_run_in_training(monkeypatch, one_thread, block_isa):
     assert calls[3:] == ["io_dx"]
 
 
-@needs_native
 @pytest.mark.parametrize("vendor, isa_name, limit, small", [("AuthenticAMD", "avx512", 2048, 31),
                                                             ("GenuineIntel", "avx512", 192, 8),
-                                                            ("AuthenticAMD", "avx2", 192, 8), ("", "avx512", 192, 8)])
-def test_kernel_limits_follow_the_cpu(monkeypatch, vendor, isa_name, limit, small):
+                                                            ("AuthenticAMD", "avx2", 192, 8), ("", "avx512", 192, 8),
+                                                            ("AuthenticAMD", None, 192, 8)])
+def test_kernel_limits_follow_the_cpu(vendor, isa_name, limit, small):
     """Wide groups take the fused forward, and 9-31 tokens io_small, only where that was measured
     faster: AMD's AVX-512."""
-    monkeypatch.setattr(layers, "_cpu_vendor", lambda: vendor)
-
-    class Native:
-        def __getattr__(self, name):
-            return (lambda: isa_name) if name == "isa" else getattr(real, name)
-
-    real = layers._native
-    monkeypatch.setattr(layers, "_native", Native())
-    amd_avx512 = layers._amd_avx512()
-    assert layers._default_fused_max_out(amd_avx512) == limit
-    assert layers._default_small_max_tokens(amd_avx512) == small
+    cfg = KernelConfig.for_cpu(isa_name, vendor)
+    assert (cfg.fused_max_out_per_group, cfg.small_max_tokens) == (limit, small)
 
 
-def test_cpu_vendor_is_read_from_the_system():
-    vendor = layers._cpu_vendor()
-    if os.path.exists("/proc/cpuinfo") and platform.machine() in ("x86_64", "AMD64"):
-        assert vendor in ("AuthenticAMD", "GenuineIntel", "HygonGenuine", "CentaurHauls")
-    else:
-        assert isinstance(vendor, str)
+def test_routing_in_force_is_this_cpus():
+    from gpconv.system import cpu_vendor
+
+    expected = KernelConfig.for_cpu(native.isa(), cpu_vendor())
+    cfg = KernelConfig.detect()
+    assert (cfg.fused_max_out_per_group, cfg.small_max_tokens) == (expected.fused_max_out_per_group,
+                                                                   expected.small_max_tokens)
 
 
 @needs_native
 def test_fused_forward_refuses_bad_shapes():
     x = torch.zeros(8)
     with pytest.raises(ValueError, match="g dividing"):
-        layers._native.io_forward(x.data_ptr(), x.data_ptr(), 0, x.data_ptr(), 1, 6, 4, 4)
+        native.ext.io_forward(x.data_ptr(), x.data_ptr(), 0, x.data_ptr(), 1, 6, 4, 4)
 
 
 @needs_block_kernels
 @pytest.mark.parametrize("permuted", [False, True])
-@pytest.mark.parametrize("small_max", [8, 31])  # the two CPU-chosen defaults of NATIVE_SMALL_MAX_TOKENS
+@pytest.mark.parametrize("small_max", [8, 31])  # the two CPU-chosen defaults of small_max_tokens
 def test_inference_routes_by_token_count(monkeypatch, one_thread, permuted, block_isa, small_max):
     """Inference: a few tokens -> io_small, 32+ tokens of narrow groups -> io_forward, in between
     and with gradients -> torch's paths; every route gives the block's output."""
-    monkeypatch.setattr(layers, "NATIVE_SMALL_MAX_TOKENS", small_max)
+    route(monkeypatch, small_max_tokens=small_max)
     calls = []
-    real = layers._native
+    real = native.ext
 
     class Spy:
         def __getattr__(self, name):
             fn = getattr(real, name)
             return (lambda *a: calls.append(name) or fn(*a)) if name.startswith("io_") else fn
 
-    monkeypatch.setattr(layers, "_native", Spy())
+    monkeypatch.setattr(native, "ext", Spy())
     block = GroupedPointwiseBlock(96, 160, 8, bias=True, permuted=permuted)  # 20 outputs per group
     if permuted:
         block.input_perm.copy_(torch.randperm(96))
     dense = block.to_dense().detach()
     for n in (1, 8, 9, 31, 32, 200):
-        route = "io_small" if n <= small_max else "io_forward" if n >= 32 else None
+        kernel = "io_small" if n <= small_max else "io_forward" if n >= 32 else None
         x = torch.randn(1, n, 96)  # N = n tokens
         calls.clear()
         with torch.no_grad():
             y = block(x)
-        assert calls == ([route] if route else []), n
+        assert calls == ([kernel] if kernel else []), n
         torch.testing.assert_close(y, x @ dense.t() + block.bias.detach(), rtol=1e-5, atol=1e-5)
     calls.clear()
     block(torch.randn(3, 96, requires_grad=True)).sum().backward()  # training: autograd's path
@@ -494,13 +487,12 @@ def test_whole_model_logits_with_and_without_kernels(isa, family, threads):
                                variant="hybrid" if hybrid else "io", rank=3 if hybrid else None))
     model = model.eval()
     ids = torch.randint(3, 128, (3, 64))
-    old, old_native = torch.get_num_threads(), layers.NATIVE
+    old = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         out = {}
-        for native in (True, False):
-            layers.NATIVE = native
-            with torch.no_grad():
+        for on in (True, False):
+            with layers.use_kernels(native=on), torch.no_grad():
                 full = model(ids).logits
                 past = model(ids[:, :60], use_cache=True).past_key_values
                 steps = []
@@ -508,9 +500,8 @@ def test_whole_model_logits_with_and_without_kernels(isa, family, threads):
                     o = model(ids[:, t:t + 1], past_key_values=past, use_cache=True)
                     past = o.past_key_values
                     steps.append(o.logits[:, -1])
-            out[native] = (full, torch.stack(steps))
+            out[on] = (full, torch.stack(steps))
     finally:
-        layers.NATIVE = old_native
         torch.set_num_threads(old)
     torch.testing.assert_close(out[True][0], out[False][0], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(out[True][1], out[False][1], rtol=1e-4, atol=1e-4)
@@ -521,7 +512,7 @@ def test_whole_model_logits_with_and_without_kernels(isa, family, threads):
 def test_decode_path_does_not_build_the_gather_index(monkeypatch, one_thread, block_isa):
     """The gather index is built only by the paths that read it: a 1-token call through the C
     kernel leaves the block's cache empty, a 20-token call (gather + bmm) fills it."""
-    monkeypatch.setattr(layers, "NATIVE_SMALL_MAX_TOKENS", 8)  # 20 tokens: gather + bmm on every CPU
+    route(monkeypatch, small_max_tokens=8)  # 20 tokens: gather + bmm on every CPU
     block = GroupedPointwiseBlock(96, 160, 8, bias=True)
     dense = block.to_dense().detach()
     block._gather_cache.clear()
@@ -555,7 +546,7 @@ def test_io_small_adds_the_low_rank_term(block_isa, n_in, n_out, g, r, n, thread
     x = torch.randn(n, n_in)
     w, b, a, bb = (t.detach() for t in (block.weight, block.bias, block.lowrank_a, block.lowrank_b))
     buf, y = _guarded(n * n_out)
-    layers._native.io_small(x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), n, n_in, n_out, g, threads,
+    native.ext.io_small(x.data_ptr(), w.data_ptr(), b.data_ptr(), y.data_ptr(), n, n_in, n_out, g, threads,
                             x.data_ptr(), a.data_ptr(), bb.data_ptr(), r)
     assert _guards_intact(buf)
     torch.testing.assert_close(y.view(n, n_out).double(), _hybrid_ref(x, block), rtol=1e-5, atol=1e-5)
@@ -565,7 +556,7 @@ def test_io_small_adds_the_low_rank_term(block_isa, n_in, n_out, g, r, n, thread
 def test_low_rank_term_only_with_io_small():
     x = torch.zeros(64)
     with pytest.raises(ValueError, match="low-rank term"):
-        layers._native.io_forward(x.data_ptr(), x.data_ptr(), 0, x.data_ptr(), 1, 8, 8, 2, 1,
+        native.ext.io_forward(x.data_ptr(), x.data_ptr(), 0, x.data_ptr(), 1, 8, 8, 2, 1,
                                   x.data_ptr(), x.data_ptr(), x.data_ptr(), 2)
 
 
@@ -576,28 +567,28 @@ def test_hybrid_block_routes_and_matches(monkeypatch, one_thread, block_isa, per
     low-rank term (no torch matmul for it), other sizes keep their routes and add it with torch;
     every route gives the dense map, the permutation applying to the io part only."""
     calls = []
-    real = layers._native
+    real = native.ext
 
     class Spy:
         def __getattr__(self, name):
             fn = getattr(real, name)
             return (lambda *a: calls.append((name, len(a))) or fn(*a)) if name.startswith("io_") else fn
 
-    monkeypatch.setattr(layers, "_native", Spy())
+    monkeypatch.setattr(native, "ext", Spy())
     torch.manual_seed(1)
     block = GroupedPointwiseBlock(96, 160, 8, bias=True, rank=6, permuted=permuted)
     for p in block.parameters():
         torch.nn.init.normal_(p, std=0.2)
     if permuted:
         block.input_perm.copy_(torch.randperm(96))
-    monkeypatch.setattr(layers, "NATIVE_SMALL_MAX_TOKENS", 8)  # the default off AMD's AVX-512 (9: torch)
-    for n, route in [(1, ("io_small", 13)), (8, ("io_small", 13)), (9, None), (32, ("io_forward", 9)),
+    route(monkeypatch, small_max_tokens=8)  # the default off AMD's AVX-512 (9: torch)
+    for n, kernel in [(1, ("io_small", 13)), (8, ("io_small", 13)), (9, None), (32, ("io_forward", 9)),
                      (200, ("io_forward", 9))]:
         x = torch.randn(1, n, 96)
         calls.clear()
         with torch.no_grad():
             y = block(x)
-        assert calls == ([route] if route else []), n
+        assert calls == ([kernel] if kernel else []), n
         torch.testing.assert_close(y[0].double(), _hybrid_ref(x[0], block), rtol=1e-5, atol=1e-5)
 
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 
 import gpconv
-from gpconv import BlockSpec, GPConvConfig, GPConvError, count_parameters, shrink
-from gpconv.budget import Option, best_split, layer_options, parse_target, solve
-from gpconv.calibrate import Calibration, LayerStats
-from gpconv.init import choose_permutation, fit_layer, relative_error
+from gpconv.layers import BlockSpec
+from gpconv import GPConvConfig, GPConvError, shrink
+from gpconv.surgery import Option, best_split, count_parameters, layer_options, parse_target, solve
+from gpconv.surgery import Calibration, LayerStats
+from gpconv.fitting import choose_permutation, fit_layer, relative_error
 from tiny_models import FAMILIES, VOCAB
 
 
@@ -78,7 +79,7 @@ def test_hybrid_permutation_is_chosen_on_what_the_lowrank_part_leaves():
     def error_with(perm):
         m = spec.build()
         m.input_perm.copy_(perm)
-        gpconv.init.init_block_(m, w, None, "project")
+        gpconv.fitting.init_block_(m, w, None, "project")
         return relative_error(w, m.to_dense())
 
     by_weight = error_with(choose_permutation(w, g))
@@ -247,7 +248,7 @@ def test_hybrid_split_may_use_narrower_groups_than_its_budget():
     The layer is a rank-8 head plus 16 diagonal 8x8 blocks: neither pure low-rank nor the 4-group
     io block holds both, an io block with 16 groups (8 channels each) plus rank 24 does, within
     the same budget. The split must be allowed to reach it."""
-    from gpconv.budget import HYBRID_MIN_CHANNELS
+    from gpconv.surgery import HYBRID_MIN_CHANNELS
 
     torch.manual_seed(0)
     n = 128
@@ -301,7 +302,7 @@ def test_depth_by_importance_and_errors():
         shrink(copy.deepcopy(model), GPConvConfig(num_layers=5))
     with pytest.raises(GPConvError, match="out of range"):
         shrink(copy.deepcopy(model), GPConvConfig(keep_layers=(0, 7)))
-    from gpconv.depth import layer_importance
+    from gpconv.surgery import layer_importance
 
     scores = layer_importance(model, Calibration(_batches()))
     report = shrink(model, GPConvConfig(num_layers=1, layer_selection="importance", min_channels_per_group=16),
@@ -312,7 +313,7 @@ def test_depth_by_importance_and_errors():
 def test_paper_models_by_depth_truncation_of_phi3_mini():
     # the 2- and 3-layer kphi-3 models are Phi-3-mini (intermediate 9216) cut to 2 / 3 layers
     from test_report import phi3_mini_config
-    from gpconv.models import build_meta
+    from gpconv.hub import build_meta
 
     for layers, expected in ((2, 35_011_584), (3, 52_515_840)):
         model = build_meta(phi3_mini_config(intermediate_size=9216))
@@ -357,7 +358,7 @@ def _cov(n, seed):
 def test_batched_group_solve_equals_one_solve_per_group(n_in, n_out, g, permuted):
     """fit_io_weight builds every group's system in one batched call when the supports have one
     size; it must give each group's ridge least squares, written out here group by group."""
-    from gpconv.init import fit_io_weight, ridge_lambda
+    from gpconv.fitting import fit_io_weight, ridge_lambda
     from gpconv.layers import GroupedPointwiseBlock
 
     w = torch.randn(n_out, n_in, generator=torch.Generator().manual_seed(g), dtype=torch.float64)
@@ -382,7 +383,7 @@ def test_hybrid_fit_reuses_its_first_svd_without_changing_it():
     """fit_layer, choose_permutation and best_split hand the rank-r whitened SVD they already hold to
     the alternated fit (``first=``): the result must be exactly the one computed from scratch."""
     from gpconv.layers import GroupedPointwiseBlock
-    from gpconv.lowrank import fit_hybrid, whitened_svd
+    from gpconv.fitting import fit_hybrid, whitened_svd
 
     w = torch.randn(64, 96, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
     cov = _cov(96, 3)

@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 import gpconv
 from gpconv import GPConvError, recipes
-from gpconv.models import byte_tokenizer
+from gpconv.hub import byte_tokenizer
 from gpconv_cli.main import app
 
 runner = CliRunner()
@@ -52,7 +52,7 @@ def test_every_bundled_recipe_resolves(name):
     assert r["name"] == name and r["description"]
     assert set(r) == set(recipes.TOP)
     # resolving is idempotent: the dumped recipe (recipe.yaml of a run) loads to the same thing
-    again = recipes.load_recipe(yaml.load(recipes.dump(r), Loader=recipes._Loader))
+    again = recipes.load_recipe(recipes.parse_value(recipes.dump(r)))
     assert again == r
     if r["train"] is not None:
         recipes.train_config(r)  # a valid TrainConfig
@@ -98,7 +98,7 @@ def test_overrides_are_dotted_yaml_values():
     ("train.lr=fast", "train.lr: 'fast' is not a valid value"),
     ("train.lr=-1", "lr must be > 0"),
     ("surgery.variant=conv", "unknown variant 'conv'"),
-    ("data.format=xml", "unknown format 'xml'"),
+    ("data.format=xml", "unknown data format 'xml'"),
     ("data.block_size=1", "block_size must be at least 2"),
     ("train.out_dir=x", "set train's out_dir through output.dir"),
     ("output.overwrite=yes please", "output.overwrite"),

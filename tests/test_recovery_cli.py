@@ -7,7 +7,7 @@ from typer.testing import CliRunner
 
 import gpconv
 from gpconv import GPConvConfig, shrink
-from gpconv.models import tiny_phi3
+from gpconv.hub import tiny_phi3
 from gpconv_cli.main import app
 
 runner = CliRunner()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gpconv import GPConvConfig, GPConvError, shrink
-from gpconv.calibrate import Calibration
+from gpconv.surgery import Calibration
 from tiny_models import FAMILIES, MCPG, VOCAB, shrunk_logit_errors
 
 

@@ -6,8 +6,9 @@ import pytest
 from transformers import Phi3Config
 
 import gpconv
-from gpconv import GPConvConfig, count_parameters, shrink
-from gpconv.models import build_meta
+from gpconv import GPConvConfig, shrink
+from gpconv.surgery import count_parameters
+from gpconv.hub import build_meta
 from gpconv.surgery import describe
 
 

@@ -5,7 +5,8 @@ import torch
 
 import gpconv
 from conftest import smollm2_available
-from gpconv import GPConvConfig, count_parameters, shrink
+from gpconv import GPConvConfig, shrink
+from gpconv.surgery import count_parameters
 
 pytestmark = [
     pytest.mark.smollm2,

@@ -9,10 +9,10 @@ import shutil
 import pytest
 import torch
 
-from gpconv import GroupedLinear, GroupedPointwiseBlock
-from gpconv.grouping import interleave
-import gpconv.layers as layers
-from gpconv.layers import _io_grouped_mm, _use_grouped_mm, grouped_forward, io_forward
+from conftest import route
+from gpconv.layers import GroupedLinear, GroupedPointwiseBlock, grouped_forward, interleave, io_forward
+from gpconv.layers.cpu import dispatch
+from gpconv.layers.cuda import grouped_mm
 
 # (in, out, groups): odd sizes, c != oc, c == 1, many groups
 SHAPES = [(12, 18, 3), (20, 10, 5), (96, 32, 8), (64, 128, 4), (6, 9, 3), (30, 30, 15)]
@@ -26,8 +26,8 @@ def path(request, monkeypatch):
     many-strided: the same writing through strided outputs (one thread); few: gather + bmm.
     """
     p = request.param
-    monkeypatch.setattr(layers, "CONV_MIN_TOKENS", 10**9 if p == "few" else 0)
-    monkeypatch.setattr(layers, "_strided_out", lambda: p == "many-strided")
+    route(monkeypatch, conv_min_tokens=10**9 if p == "few" else 0)
+    monkeypatch.setattr(dispatch, "strided_out", lambda: p == "many-strided")
     return p
 
 
@@ -241,14 +241,14 @@ def test_grouped_mm_path_semantics():
     """The CUDA bf16 path cannot run here; its layout logic can, through torch's CPU fallback."""
     b = GroupedPointwiseBlock(64, 32, 4, bias=True, permuted=True)
     b.input_perm.copy_(torch.randperm(64))
-    assert not _use_grouped_mm(torch.randn(2, 64), b.weight)  # never on CPU
+    assert not grouped_mm.usable(torch.randn(2, 64), b.weight)  # never on CPU
     if not hasattr(torch.nn.functional, "grouped_mm"):
         pytest.skip("this torch has no grouped_mm")
     bb = b.to(torch.bfloat16)
     x = torch.randn(7, 64, dtype=torch.bfloat16)
     with torch.no_grad():
         try:
-            y = _io_grouped_mm(x, bb.weight, bb.bias, bb.gather_index(x.device))
+            y = grouped_mm.io_forward(x, bb.weight, bb.bias, bb.gather_index(x.device))
         except (RuntimeError, NotImplementedError) as e:
             pytest.skip(f"grouped_mm has no CPU fallback here: {e}")
         torch.testing.assert_close(y.float(), bb(x).float(), atol=3e-2, rtol=3e-2)
@@ -284,7 +284,7 @@ def test_torch_compile_matches_eager():
 def test_inference_scratch_buffer_never_leaks(monkeypatch, path, n_in, n_out, g):
     """The two-GEMM path reuses buffers for the interleaved copy and (several threads) the
     (g, N, oc) GEMM result: outputs must not alias them, in inference and in training."""
-    monkeypatch.setattr(layers, "FUSED_FORWARD", False)  # the fused forward has no scratch
+    route(monkeypatch, fused_forward=False)  # the fused forward has no scratch
     b = GroupedPointwiseBlock(n_in, n_out, g, bias=True)
     xa, xb = torch.randn(9, n_in), torch.randn(9, n_in)
     ya = b(xa)  # training forward (grad enabled)
@@ -300,7 +300,7 @@ def test_inference_scratch_buffer_never_leaks(monkeypatch, path, n_in, n_out, g)
         torch.testing.assert_close(b(xs[0]), ys[0])
     with torch.no_grad():  # the inference-mode buffer is not reused outside inference mode
         torch.testing.assert_close(b(xs[2]), ys[2])
-    layers.clear_scratch()
+    dispatch.clear_scratch()
 
 
 @pytest.mark.parametrize("n_in, n_out, g", [(64, 128, 4), (96, 32, 8)])
@@ -358,4 +358,4 @@ def test_training_saves_only_the_input_and_blocks_share_the_buffers(path, dtype)
         dense = io_dense(wp, blk.gather_index(), blk.in_features)
         (wd.grad * dense).sum().backward()
         torch.testing.assert_close(blk.weight.grad, wp.grad, **tol)
-    layers.clear_scratch()
+    dispatch.clear_scratch()

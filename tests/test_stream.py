@@ -9,8 +9,8 @@ from typer.testing import CliRunner
 
 import gpconv
 from gpconv import GPConvConfig, GPConvError
-from gpconv.io import _weight_files
-from gpconv.stream import StreamUnsupported, parse_size, stream_shrink, unsupported
+from gpconv.hub import StreamUnsupported, stream_shrink, weight_files as _weight_files
+from gpconv.hub.stream import parse_size, unsupported
 from gpconv_cli.main import app
 from tiny_models import FAMILIES, MCPG, VOCAB
 
@@ -146,7 +146,7 @@ def test_checkpoint_missing_a_tensor_falls_back(tmp_path):
 
 
 def test_failure_midway_leaves_nothing(tmp_path, sources, monkeypatch):
-    import gpconv.init as init_mod
+    import gpconv.hub.stream as init_mod  # the module that calls fit_layer
 
     real, calls = init_mod.fit_layer, []
 

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 import gpconv
-from gpconv import GPConvConfig, GPConvError, count_parameters, shrink
+from gpconv import GPConvConfig, GPConvError, shrink
+from gpconv.surgery import count_parameters
 from gpconv.layers import is_gpconv_module
 from tiny_models import FAMILIES, MCPG, VOCAB, TinyMLPLM
 

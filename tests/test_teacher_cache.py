@@ -7,9 +7,10 @@ import torch
 
 import gpconv
 from gpconv import GPConvConfig, GPConvError, TeacherCache, TrainConfig, build_datasets, distill, shrink
-from gpconv.losses import loss_sums, teacher_targets
-from gpconv.models import tiny_phi3
-from gpconv.teacher_cache import CACHE_WEIGHTS, TopKTargets, top_k_of
+from gpconv.recovery.losses import loss_sums, teacher_targets
+from gpconv.hub import tiny_phi3
+from gpconv.recovery.teacher_cache import CACHE_WEIGHTS
+from gpconv.recovery.losses import TopKTargets, top_k_of
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
 
@@ -22,7 +23,7 @@ def data(tmp_path_factory):
     rows = [{"instruction": f"Name {words[i % 8]}", "response": " ".join([words[(i * 3) % 8]] * (1 + i % 4))} for i in range(40)]
     f = tmp_path_factory.mktemp("data") / "d.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in rows))
-    tok = gpconv.models.byte_tokenizer()
+    tok = gpconv.hub.byte_tokenizer()
     tr, va = build_datasets(str(f), tok, block_size=32, val_size=6)
     return tr, va, tok
 
@@ -58,7 +59,7 @@ def _kl_and_grad(student_logits, labels, target):
 
 
 def _topk_targets(t_logits, labels, k, temperature=1.0):
-    from gpconv.losses import Positions
+    from gpconv.recovery.losses import Positions
 
     idx, logq, rest = top_k_of(t_logits.reshape(-1, t_logits.shape[-1]), k, temperature)
     pos = Positions.of(labels)

@@ -8,10 +8,11 @@ import torch
 from torch import nn
 
 import gpconv
-from gpconv import GPConvConfig, GPConvError, TrainConfig, TrainingDiverged, build_datasets, distill, shrink, train
+from gpconv import GPConvConfig, GPConvError, TrainConfig, build_datasets, distill, shrink, train
+from gpconv.recovery import TrainingDiverged
 from gpconv.layers import is_gpconv_module
-from gpconv.models import tiny_phi3
-from gpconv.training import BatchPlan
+from gpconv.hub import tiny_phi3
+from gpconv.recovery import BatchPlan
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
 VOCAB = 320  # tiny-phi3's (byte tokenizer, 262 tokens, rounded up)
@@ -26,7 +27,7 @@ def data(tmp_path_factory):
     rows = [{"instruction": f"Repeat {words[i % 8]}", "response": " ".join([words[i % 8]] * (1 + i % 3))} for i in range(40)]
     f = tmp_path_factory.mktemp("data") / "d.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in rows))
-    tok = gpconv.models.byte_tokenizer()
+    tok = gpconv.hub.byte_tokenizer()
     tr, va = build_datasets(str(f), tok, block_size=32, val_size=6)
     return tr, va, tok
 
@@ -156,7 +157,7 @@ def test_vocab_mismatch_is_refused(data):
     student, _ = _pair()
     with pytest.raises(GPConvError, match="same vocabulary"):
         distill(student, teacher, tr, _cfg())
-    other = gpconv.models.byte_tokenizer()
+    other = gpconv.hub.byte_tokenizer()
     other.add_tokens(["<|extra|>"])
     with pytest.raises(GPConvError, match="tokenizers differ"):
         distill(student, tiny_phi3(seed=1, **SMALL)[0], tr, _cfg(), tokenizer=tok, teacher_tokenizer=other)
@@ -218,7 +219,7 @@ def test_run_dir_metrics_plot_and_reload(data, tmp_path):
                   val_data=va, tokenizer=tok)
     assert (out / "loss.png").stat().st_size > 1000
     assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000004"]
-    rows = gpconv.trainlog.MetricsLog.read(out / "metrics.csv")
+    rows = gpconv.recovery.trainlog.MetricsLog.read(out / "metrics.csv")
     assert [(r["step"], r["split"]) for r in rows] == [(0, "val"), (2, "train"), (2, "val"), (4, "train"), (4, "val"),
                                                        (5, "train"), (5, "val")]
     assert all(r["tokens_per_s"] > 0 for r in rows if r["split"] == "train")
@@ -283,7 +284,7 @@ def test_config_is_validated():
 
 @pytest.mark.parametrize("masked", [False, True])
 def test_hidden_error_is_relative_per_token_and_scale_free(masked):
-    from gpconv.losses import loss_sums
+    from gpconv.recovery.losses import loss_sums
 
     torch.manual_seed(0)
     B, T, H, V, L = 2, 5, 8, 11, 3
@@ -309,7 +310,7 @@ def test_hidden_error_is_relative_per_token_and_scale_free(masked):
 def test_grouped_lr_scale_moves_only_grouped_weights_faster(scale):
     """Adam's first step moves each weight by ~lr (g / |g|), so per parameter kind the step size
     shows the learning rate it got: grouped weights lr * scale, low-rank factors and biases lr."""
-    from gpconv.training import _optimizer
+    from gpconv.recovery.trainable import make_optimizer as _optimizer
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 48), nn.Linear(48, 32))

@@ -1,0 +1,21 @@
+"""Recovery: distil a shrunk student from its teacher or train it, evaluate it, generate with it.
+
+:mod:`.training` is the run (accelerate: one process, DDP); :mod:`.losses` the objectives as
+sums over counted tokens; :mod:`.teacher_cache` the teacher's top-k per block, kept;
+:mod:`.checkpoints` atomic, exactly resumable checkpoints; :mod:`.evaluation` held-out metrics
+and generation.
+"""
+
+from .batching import BatchPlan, as_train_data
+from .checkpoints import latest_checkpoint
+from .config import PRECISIONS, RUN_FILE, TRAIN_MODES, TrainConfig, TrainingDiverged, TrainResult
+from .evaluation import chat_prompt, compare, evaluate, generate
+from .losses import loss_sums, model_outputs, teacher_targets
+from .teacher_cache import TeacherCache
+from .training import check_run_dir, check_vocab, distill, train
+
+__all__ = [
+    "BatchPlan", "PRECISIONS", "RUN_FILE", "TRAIN_MODES", "TeacherCache", "TrainConfig", "TrainResult",
+    "TrainingDiverged", "as_train_data", "chat_prompt", "check_run_dir", "check_vocab", "compare", "distill",
+    "evaluate", "generate", "latest_checkpoint", "loss_sums", "model_outputs", "teacher_targets", "train",
+]
