@@ -15,6 +15,7 @@ from typing import Optional
 import typer
 
 from gpconv.recovery import TrainConfig
+from gpconv.recovery import evaluate as _evaluate_fn
 from gpconv.recovery import generate as _generate_fn
 
 from .app import DATA, app, user_errors
@@ -36,6 +37,7 @@ _DISTILL_ONLY = ("kl_weight", "ce_weight", "hidden_weight", "temperature", "teac
 DISTILL = Group(TrainConfig, exclude=("betas",), flags=_TRAIN_FLAGS)
 TRAIN = Group(TrainConfig, exclude=("betas", *_DISTILL_ONLY), flags=_TRAIN_FLAGS)
 EVAL_DATA = dataclasses.replace(DATA, exclude=DATA.exclude + ("streaming",))
+EVALUATE = signature_group(_evaluate_fn, flags={"batch_size": Flag(("--batch-size", "-b"))})
 GENERATE = signature_group(_generate_fn, flags={"chat": Flag(("--chat/--no-chat",), help=(
     "Feed the prompt through the chat template (--no-chat: as raw text)."))})
 
@@ -237,15 +239,13 @@ def train(
 """,
 )
 @user_errors
-@options(EVAL_DATA)
+@options(EVAL_DATA, EVALUATE)
 def eval_(
     model: str = typer.Argument(..., help="Model to evaluate (directory, hub id, .gguf, built-in name)."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Also evaluate this model, side by side."),
     data: str = _DATA,
     split: str = typer.Option("val", "--split", help="val: the held-out rows of the same split training used | all: every row."),
     seed: int = typer.Option(0, "--seed", help="Seed of the split (the one training used)."),
-    batch_size: int = typer.Option(8, "--batch-size", "-b", help="Blocks per forward pass."),
-    max_batches: Optional[int] = typer.Option(None, "--max-batches", help="Evaluate at most this many batches."),
     dtype: str = _DTYPE,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     **opts,
@@ -275,7 +275,7 @@ def eval_(
         raise GPConvError("the validation split is empty; pass --val-size or use --split all")
     if not isinstance(blocks, gpconv.data.TokenBlocks):
         raise GPConvError("--split all on a streamed dataset never ends; use --split val or --max-samples")
-    results = compare(models, blocks, batch_size=batch_size, max_batches=max_batches)
+    results = compare(models, blocks, **EVALUATE.values(opts))
     if as_json:
         typer.echo(json.dumps({"data": data, "split": split, "block_size": data_cfg.block_size, "format": data_cfg.format,
                                "response_only": data_cfg.response_only, **results}, indent=2))

@@ -12,6 +12,9 @@ The names here are the whole everyday face; the rest lives in named subpackages,
 ``gpconv.recovery`` (distillation, training, evaluation), ``gpconv.recipes``.
 """
 
+import importlib
+import warnings
+
 from ._version import __version__  # noqa: F401 (gpconv.__version__)
 from .data import build_datasets
 from .errors import GPConvError
@@ -52,8 +55,5 @@ def __getattr__(name: str):
     home = _MOVED.get(name)
     if home is None:
         raise AttributeError(f"module 'gpconv' has no attribute {name!r}")
-    import importlib  # (only for names that moved: a lookup through the package's __getattr__)
-    import warnings
-
     warnings.warn(f"gpconv.{name} moved to {home}.{name}", DeprecationWarning, stacklevel=2)
     return getattr(importlib.import_module(home), name)

@@ -8,6 +8,9 @@ import logging
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
+from transformers.utils import logging as hf_logging
 
 from .errors import GPConvError
 
@@ -34,8 +37,6 @@ def quiet():
     """Silence transformers' progress bars and advisory logs while loading, and the hub client's
     retry warnings (an unreachable hub would otherwise print a line per retry before the one
     error the caller reports)."""
-    from transformers.utils import logging as hf_logging
-
     old = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()
     bars = hf_logging.is_progress_bar_enabled()
@@ -71,19 +72,11 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 def is_transformers(model: nn.Module) -> bool:
     """Is ``model`` (through any wrapper) a transformers ``PreTrainedModel``?"""
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:
-        return False
     return isinstance(unwrap(model), PreTrainedModel)
 
 
 def conv1d_types() -> tuple[type, ...]:
     """GPT-2's ``Conv1D`` (a linear layer that stores its weight as (in, out)), when transformers is there."""
-    try:
-        from transformers.pytorch_utils import Conv1D
-    except Exception:  # transformers is a dependency, but keep the core usable without it
-        return ()
     return (Conv1D,)
 
 

@@ -15,6 +15,7 @@ import difflib
 import functools
 import inspect
 import textwrap
+import typing
 from typing import Any, Iterable, Mapping
 
 from .errors import GPConvError
@@ -79,7 +80,7 @@ def coerce(cls, values: Mapping[str, Any], where: str) -> dict[str, Any]:
     where floats are due, lists tuples; bools, ints and strings are not converted into each
     other (YAML already typed them). A name that is not a field, or a value of the wrong type, is
     one GPConvError line naming ``where.key``."""
-    from pydantic import TypeAdapter, ValidationError
+    from pydantic import TypeAdapter, ValidationError  # (~0.2 s to import: only recipes and --set values need it)
 
     hints = _hints(cls)
     out = {}
@@ -113,8 +114,6 @@ def _strict(value) -> bool:
 
 @functools.cache
 def _hints(cls) -> dict[str, Any]:
-    import typing
-
     hints = typing.get_type_hints(cls)
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls)}
 

@@ -107,7 +107,7 @@ def _read_local(path: Path) -> list[dict]:
         with path.open(newline="", encoding="utf-8") as f:
             return list(csv.DictReader(f))
     if suffix == ".parquet":
-        import pyarrow.parquet as pq
+        import pyarrow.parquet as pq  # heavy, and only parquet files need it
 
         return pq.read_table(path).to_pylist()
     text = path.read_text(encoding="utf-8")
@@ -138,7 +138,7 @@ def _read_local(path: Path) -> list[dict]:
 
 def _stream_local(path: Path):
     """A local file as a lazily read ``datasets.IterableDataset`` (for files too big for RAM)."""
-    from datasets import load_dataset
+    from datasets import load_dataset  # heavy (~1 s to import): only streamed and hub sources need it
 
     builder = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv", ".txt": "text"}[path.suffix.lower()]
     if builder != "text":
@@ -149,7 +149,7 @@ def _stream_local(path: Path):
 
 
 def _hub(path: str, name: str | None, split: str, streaming: bool):
-    from datasets import load_dataset
+    from datasets import load_dataset  # heavy (~1 s to import): only streamed and hub sources need it
 
     try:
         return load_dataset(path, name, split=split, streaming=streaming)

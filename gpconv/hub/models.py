@@ -123,7 +123,7 @@ def load_gguf(path: str | os.PathLike, dtype=None):
     if not path.is_file():
         raise GPConvError(f"no such GGUF file: {path}")
     try:
-        import gguf  # noqa: F401
+        import gguf  # noqa: F401  (optional: only .gguf files need it; transformers reads them through it)
     except ImportError:
         raise GPConvError("reading .gguf files needs the gguf package: pip install gguf") from None
     with quiet():

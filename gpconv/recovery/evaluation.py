@@ -60,7 +60,12 @@ def metrics_from_sums(sums: torch.Tensor) -> dict:
 
 
 def evaluate(model: nn.Module, data, *, batch_size: int = 8, max_batches: int | None = None) -> dict:
-    """Loss, perplexity, next-token accuracy and counted tokens of ``model`` on ``data``."""
+    """Loss, perplexity, next-token accuracy and counted tokens of ``model`` on ``data``.
+
+    Args:
+        batch_size: Blocks per forward pass.
+        max_batches: Evaluate at most this many batches.
+    """
     data = as_blocks(data)
     n = len(data) if max_batches is None else min(len(data), max_batches * batch_size)
     out = metrics_from_sums(eval_sums(model, data, range(n), batch_size))

@@ -9,6 +9,9 @@ import csv
 import json
 from pathlib import Path
 
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as RichProgress
+
 COLUMNS = ("step", "split", "epoch", "loss", "kl", "ce", "hidden", "perplexity", "accuracy", "lr", "grad_norm",
            "tokens", "tokens_per_s", "elapsed_s", "teacher_s")
 
@@ -63,10 +66,10 @@ def _num(v: str):
 
 def plot_losses(rows: list[dict], path: Path, title: str = "") -> Path | None:
     """Train loss (and cross-entropy, when distilling) and validation loss against steps, as a PNG."""
-    import matplotlib
+    import matplotlib  # heavy (~0.5 s): only the end of a run draws
 
     matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # (after the backend is chosen)
 
     train = [r for r in rows if r.get("split") == "train"]
     val = [r for r in rows if r.get("split") == "val"]
@@ -100,8 +103,6 @@ class Progress:
         self.bar = None
         if not enabled:
             return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
         self.bar = RichProgress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),
