@@ -5,6 +5,7 @@ from . import surgery  # noqa: F401  (registers shrink, report, densify)
 from . import bench  # noqa: F401
 from . import recovery  # noqa: F401  (registers distill, train, eval, generate)
 from . import recipes  # noqa: F401
+from . import export  # noqa: F401  (registers export)
 
 
 def main():

@@ -304,14 +304,34 @@ def eval_(
 @user_errors
 @options(GENERATE)
 def generate(
-    model: str = typer.Argument(..., help="Model (directory, hub id, .gguf, built-in name)."),
+    model: str = typer.Argument(..., help="Model (directory, hub id, .gguf, built-in name), or an ONNX export (gpconv export)."),
     prompt: str = typer.Argument(..., help="The user message."),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16."),
     **opts,
 ):
     """Reply to a prompt through the model's chat template."""
     import gpconv
+    from gpconv.export import is_onnx_export
     from gpconv.recovery import generate as reply
 
+    if is_onnx_export(model):  # an ONNX export: ONNX Runtime with its KV cache
+        typer.echo(_onnx_reply(model, prompt, GENERATE.values(opts)))
+        return
     m, tok = gpconv.load_model(model, dtype=dtype)
     typer.echo(reply(m, tok, prompt, **GENERATE.values(opts)))
+
+
+def _onnx_reply(path: str, prompt: str, o: dict) -> str:
+    from gpconv.export import OnnxCausalLM
+    from gpconv.hub import load_tokenizer
+    from gpconv.recovery import chat_prompt
+
+    from gpconv.errors import GPConvError
+
+    if o["repetition_penalty"] != 1.0:
+        raise GPConvError("--repetition-penalty is not supported for ONNX exports (greedy, temperature and top-p are)")
+    tok = load_tokenizer(path, required=True)
+    ids = chat_prompt(tok, prompt, o["system"], o["chat"]).numpy()
+    out = OnnxCausalLM(path).generate(ids, o["max_new_tokens"], do_sample=o["do_sample"], temperature=o["temperature"],
+                                      top_p=o["top_p"], seed=o["seed"])
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

@@ -9,7 +9,8 @@
 The names here are the whole everyday face; the rest lives in named subpackages, lowest first:
 ``gpconv.layers`` (the blocks and their kernels), ``gpconv.fitting`` (closed-form fits),
 ``gpconv.surgery`` (plans, budgets, calibration, reports), ``gpconv.hub`` (models in and out),
-``gpconv.recovery`` (distillation, training, evaluation), ``gpconv.recipes``.
+``gpconv.recovery`` (distillation, training, evaluation), ``gpconv.recipes``, ``gpconv.export``
+(ONNX export and ONNX Runtime).
 """
 
 import importlib
@@ -18,6 +19,7 @@ import warnings
 from ._version import __version__  # noqa: F401 (gpconv.__version__)
 from .data import build_datasets
 from .errors import GPConvError
+from .export import export
 from .hub import from_pretrained, load_model, save_pretrained
 from .recovery import TeacherCache, TrainConfig, distill, evaluate, train
 from .surgery import Calibration, GPConvConfig, ShrinkReport, densify, shrink
@@ -33,6 +35,7 @@ __all__ = [
     "densify",
     "distill",
     "evaluate",
+    "export",
     "from_pretrained",
     "load_model",
     "save_pretrained",

@@ -55,6 +55,10 @@ class KernelConfig:
     views MKL took ~2x as long on down_proj's."""
     cuda_grouped_mm: bool = True
     """CUDA bfloat16 (SM >= 8.0): the io block through ``torch.nn.functional.grouped_mm``."""
+    custom_ops: bool = True
+    """Under torch.compile and torch.export the io block is one ``gpconv::io_block`` op, whose
+    kernels (the C ones on a CPU) run inside the compiled graph. False: plain torch ops (a gather
+    and a batched MatMul), which any exporter translates (what ONNX export uses)."""
 
     @classmethod
     def for_cpu(cls, isa: str | None, vendor: str) -> "KernelConfig":

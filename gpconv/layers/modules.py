@@ -22,8 +22,10 @@ from dataclasses import asdict, dataclass, fields
 import torch
 from torch import nn
 
+from .config import kernel_config
 from .functional import grouped_forward, io_dense, io_forward
 from .grouping import interleave, interleave_index
+from .ops import io_reference, traced_gather_index
 
 VARIANTS = ("io", "chained", "hybrid", "lowrank")
 
@@ -262,12 +264,7 @@ class GroupedPointwiseBlock(nn.Module):
         key = (device, None if perm is None else perm.data_ptr(), None if perm is None else perm._version)
         idx = self._gather_cache.get(key)
         if idx is None:
-            g, c = self.groups, self.in_features // self.groups
-            own = torch.arange(self.in_features).view(g, c)
-            mixed = interleave_index(self.in_features, g).view(g, c)
-            idx = torch.cat([own, mixed], dim=1)  # (g, c) + (g, c) -> (g, 2c)
-            if perm is not None:
-                idx = perm.detach().cpu()[idx]
+            idx = traced_gather_index(self.in_features, self.groups, None if perm is None else perm.detach().cpu())
             idx = idx.to(device)
             self._gather_cache.clear()
             self._gather_cache[key] = idx
@@ -284,8 +281,15 @@ class GroupedPointwiseBlock(nn.Module):
             # input_perm (a buffer) directly. A 1-token decode call is ~30 us of Python around a
             # ~5 us kernel (SmolLM2 -m 64), so what it skips counts.
             lowrank = (self.lowrank_a, self.lowrank_b) if self.rank else None  # the hybrid's term
-            y = io_forward(x2, self.weight, self.bias, self.groups, lambda: self.gather_index(x2.device),
-                           self.input_perm, lowrank)
+            if torch.compiler.is_compiling():  # torch.compile / torch.export: one op, or plain ops to export
+                if kernel_config().custom_ops:
+                    a, b = lowrank or (None, None)
+                    y = torch.ops.gpconv.io_block(x2, self.weight, self.bias, self.input_perm, a, b)
+                else:
+                    y = io_reference(x2, self.weight, self.bias, self.input_perm, lowrank)
+            else:
+                y = io_forward(x2, self.weight, self.bias, self.groups, lambda: self.gather_index(x2.device),
+                               self.input_perm, lowrank)
         else:
             h = self.g1(x2)
             y = h + self.g2(interleave(h, self.groups))
