@@ -31,7 +31,7 @@ import torch
 
 import gpconv
 from gpconv.bench import machine_info
-from gpconv.export import OnnxCausalLM
+from gpconv.deploy import OnnxCausalLM
 from gpconv.surgery import count_parameters
 
 

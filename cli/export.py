@@ -1,4 +1,4 @@
-"""Deployment command: gpconv export (ONNX, the grouped blocks kept). A thin shell over gpconv.export."""
+"""Deployment command: gpconv export (ONNX, the grouped blocks kept). A thin shell over gpconv.deploy."""
 
 from __future__ import annotations
 

@@ -311,7 +311,7 @@ def generate(
 ):
     """Reply to a prompt through the model's chat template."""
     import gpconv
-    from gpconv.export import is_onnx_export
+    from gpconv.deploy import is_onnx_export
     from gpconv.recovery import generate as reply
 
     if is_onnx_export(model):  # an ONNX export: ONNX Runtime with its KV cache
@@ -322,7 +322,7 @@ def generate(
 
 
 def _onnx_reply(path: str, prompt: str, o: dict) -> str:
-    from gpconv.export import OnnxCausalLM
+    from gpconv.deploy import OnnxCausalLM
     from gpconv.hub import load_tokenizer
     from gpconv.recovery import chat_prompt
 

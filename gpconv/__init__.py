@@ -9,7 +9,7 @@
 The names here are the whole everyday face; the rest lives in named subpackages, lowest first:
 ``gpconv.layers`` (the blocks and their kernels), ``gpconv.fitting`` (closed-form fits),
 ``gpconv.surgery`` (plans, budgets, calibration, reports), ``gpconv.hub`` (models in and out),
-``gpconv.recovery`` (distillation, training, evaluation), ``gpconv.recipes``, ``gpconv.export``
+``gpconv.recovery`` (distillation, training, evaluation), ``gpconv.recipes``, ``gpconv.deploy``
 (ONNX export and ONNX Runtime).
 """
 
@@ -19,7 +19,7 @@ import warnings
 from ._version import __version__  # noqa: F401 (gpconv.__version__)
 from .data import build_datasets
 from .errors import GPConvError
-from .export import export
+from .deploy import export
 from .hub import from_pretrained, load_model, save_pretrained
 from .recovery import TeacherCache, TrainConfig, distill, evaluate, train
 from .surgery import Calibration, GPConvConfig, ShrinkReport, densify, shrink

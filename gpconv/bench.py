@@ -137,8 +137,9 @@ def _forward_kwargs(model) -> tuple[str, bool]:
     """(name of the KV-cache argument, whether ``logits_to_keep`` exists) for ``model.forward``.
 
     transformers 5.x renamed ``past_key_values`` to ``cache``; older versions only know the former.
+    A torch.compile'd model is read through to the module it wraps (its own forward takes **kwargs).
     """
-    params = inspect.signature(model.forward).parameters
+    params = inspect.signature(getattr(model, "_orig_mod", model).forward).parameters
     return ("cache" if "cache" in params else "past_key_values"), "logits_to_keep" in params
 
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import gpconv
 from conftest import smollm2_available
-from gpconv.export import OnnxCausalLM
+from gpconv.deploy import OnnxCausalLM
 from gpconv_cli.main import app
 from test_ops import _mixed
 from tiny_models import TinyMLPLM

@@ -14,7 +14,7 @@ The graph follows the Hugging Face / ONNX Runtime convention for decoders with a
 A first step feeds ``past`` of length 0. The export goes through ``torch.export`` (dynamic batch,
 sequence and past lengths) and torch's ONNX translator, with the blocks traced as plain torch ops
 (``use_kernels(custom_ops=False)``). ``gpconv_export.json`` beside the model names the inputs,
-outputs and cache shapes that :class:`gpconv.export.OnnxCausalLM` reads.
+outputs and cache shapes that :class:`gpconv.deploy.OnnxCausalLM` reads.
 """
 
 from __future__ import annotations
@@ -238,8 +238,8 @@ def export(model, out: str | os.PathLike, *, format: str = "onnx", tokenizer=Non
 
     ``format="onnx"``: ``OUT/model.onnx`` (+ ``model.onnx.data`` when the weights pass 1 GiB), the
     tokenizer, ``config.json``, ``generation_config.json`` and ``gpconv_export.json``; the grouped
-    blocks stay grouped (see :mod:`gpconv.export.onnx`). Run it with
-    :class:`gpconv.export.OnnxCausalLM` or ``gpconv generate OUT``.
+    blocks stay grouped (see :mod:`gpconv.deploy.onnx`). Run it with
+    :class:`gpconv.deploy.OnnxCausalLM` or ``gpconv generate OUT``.
     """
     if format not in FORMATS:
         raise GPConvError(f"unknown export format {format!r}; choose one of: {', '.join(FORMATS)}")
