@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from ..layers import interleave_index
-from .linalg import DEFAULT_RIDGE, ridge_lambda, solve_groups, solve_rows
+from .linalg import DEFAULT_RIDGE, ridge_lambda, solve_batched, solve_groups, solve_rows
 
 
 @torch.no_grad()
@@ -33,19 +33,38 @@ def fit_io_weight(
     out_f, in_f = w.shape
     oc = out_f // groups
     idx = gather_index.to(w.device)
+    equal = _equal_supports(idx)
+    if c64 is not None and equal is not None:
+        support, inv, mult = equal
+        b = solve_groups(w.view(groups, oc, in_f), c64, support, ridge)
+        # a channel reached by both G1 and G2 gets half the coefficient in each
+        return (b.gather(2, inv[:, None, :].expand(groups, oc, -1)) / mult[:, None, :].to(b.dtype)).to(weight.dtype)
     # each group's support: the distinct input channels its G1 and G2 slots read
     parts = [torch.unique(idx[j], return_inverse=True, return_counts=True) for j in range(groups)]
-    if c64 is not None and len({len(p[0]) for p in parts}) == 1:
-        b = solve_groups(w.view(groups, oc, in_f), c64, torch.stack([p[0] for p in parts]), ridge)
-        inv = torch.stack([p[1] for p in parts])  # (g, slots): slot -> position in the support
-        mult = torch.stack([p[2] for p in parts]).gather(1, inv).to(b.dtype)  # (g, slots)
-        # a channel reached by both G1 and G2 gets half the coefficient in each
-        return (b.gather(2, inv[:, None, :].expand(groups, oc, -1)) / mult[:, None, :]).to(weight.dtype)
     result = torch.empty(groups, oc, idx.shape[1], dtype=torch.float64, device=w.device)
-    for j, (support, slot_to_support, mult) in enumerate(parts):  # supports of unequal size
+    for j, (support, slot_to_support, mult) in enumerate(parts):  # supports of unequal size (or C = I)
         b = solve_rows(w[j * oc:(j + 1) * oc], c64, support, ridge)  # (oc, |S|)
         result[j] = b[:, slot_to_support] / mult[slot_to_support].to(b.dtype)
     return result.to(weight.dtype)
+
+
+def _equal_supports(idx: torch.Tensor):
+    """For a gather index (g, slots): ``(support (g, k), slot -> support position (g, slots), how
+    many slots read each slot's channel (g, slots))`` when every group reads the same number k of
+    distinct channels (the usual case), in a few batched ops; else None. Row by row this is
+    ``torch.unique(idx[j], return_inverse=True, return_counts=True)``."""
+    g, slots = idx.shape
+    srt, _ = idx.sort(dim=1)
+    first = torch.ones_like(srt, dtype=torch.bool)
+    first[:, 1:] = srt[:, 1:] != srt[:, :-1]  # (g, slots): where a new channel starts
+    k = first.sum(1)
+    if bool((k != k[0]).any()):
+        return None
+    support = srt[first].view(g, int(k[0]))  # (g, k), ascending like torch.unique
+    inv = torch.searchsorted(support, idx)  # (g, slots)
+    counts = torch.zeros(g, support.shape[1], dtype=torch.long, device=idx.device).scatter_add_(
+        1, inv, torch.ones_like(inv))  # (g, k)
+    return support, inv, counts.gather(1, inv)
 
 
 @torch.no_grad()
@@ -55,11 +74,10 @@ def fit_grouped_weight(weight: torch.Tensor, groups: int, cov: torch.Tensor | No
     c64 = None if cov is None else cov.to(torch.float64)
     out_f, in_f = w.shape
     oc, c = out_f // groups, in_f // groups
-    res = torch.empty(groups, oc, c, dtype=torch.float64, device=w.device)
-    for j in range(groups):
-        support = torch.arange(j * c, (j + 1) * c, device=w.device)
-        res[j] = solve_rows(w[j * oc:(j + 1) * oc], c64, support, ridge)
-    return res.to(weight.dtype)
+    if c64 is None:  # C = I: the diagonal blocks of W themselves
+        return w.view(groups, oc, groups, c).diagonal(dim1=0, dim2=2).permute(2, 0, 1).to(weight.dtype)
+    supports = torch.arange(in_f, device=w.device).view(groups, c)  # group j reads channels j*c .. (j+1)*c - 1
+    return solve_groups(w.view(groups, oc, in_f), c64, supports, ridge).to(weight.dtype)
 
 
 @torch.no_grad()
@@ -76,14 +94,13 @@ def fit_chained_(module, weight, cov, ridge):
     ph = m1[interleave_index(out_f, g).to(w.device)]  # interleave(G1 x) = ph @ x, (out, in)
     resid = w - m1
     c64 = None if cov is None else cov.to(torch.float64)
-    g2 = torch.empty(g, oc, oc, dtype=torch.float64, device=w.device)
-    for j in range(g):
-        mj = ph[j * oc:(j + 1) * oc]  # inputs of G2's group j, as maps of x: (oc, in)
-        rj = resid[j * oc:(j + 1) * oc]
-        m = torch.eye(w.shape[1], dtype=w.dtype, device=w.device) if c64 is None else (
-            c64 + ridge_lambda(c64, ridge) * torch.eye(w.shape[1], dtype=w.dtype, device=w.device))
-        a = mj @ m @ mj.t()  # the metric C + lambda I, as in every other fit
-        rhs = rj @ m @ mj.t()
-        a = a + 1e-9 * a.diagonal().mean().clamp_min(1e-12) * torch.eye(oc, dtype=a.dtype, device=a.device)
-        g2[j] = torch.linalg.solve(a, rhs.t()).t()
+    eye = torch.eye(w.shape[1], dtype=w.dtype, device=w.device)
+    m = eye if c64 is None else c64 + ridge_lambda(c64, ridge) * eye  # the metric C + lambda I, as in every fit
+    mg = ph.view(g, oc, -1)  # inputs of G2's groups, as maps of x: (g, oc, in)
+    mm = torch.matmul(mg, m)  # (g, oc, in)
+    a = torch.bmm(mm, mg.transpose(1, 2))  # (g, oc, oc)
+    rhs = torch.bmm(resid.view(g, oc, -1), mm.transpose(1, 2))  # (g, oc, oc)
+    a = a + 1e-9 * a.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-12)[:, None, None] * torch.eye(
+        oc, dtype=a.dtype, device=a.device)
+    g2 = solve_batched(a, rhs.transpose(1, 2)).transpose(1, 2)  # G2_j a_j = rhs_j (a_j symmetric)
     module.g2.weight.copy_(g2.to(module.g2.weight.dtype))

@@ -43,9 +43,23 @@ def solve_groups(w: torch.Tensor, cov: torch.Tensor, supports: torch.Tensor, rid
     cols = cov[:, supports].permute(1, 0, 2)  # (in, g, k) -> (g, in, k): C[:, S_j]
     own = w.gather(2, supports[:, None, :].expand(g, oc, k))  # (g, oc, k): T[:, S_j]
     rhs = torch.bmm(w, cols) + lam * own  # T (C + lambda I)[:, S_j]
-    # B css = rhs <=> css B^T = rhs^T (css is symmetric), one group at a time: torch's batched CPU solve runs its batch in parallel
-    # around LAPACK and stalled for minutes on a busy 2-core machine (seen in the test suite)
-    return torch.stack([torch.linalg.solve(css[j], rhs[j].t()).t() for j in range(g)])
+    return solve_batched(css, rhs.transpose(1, 2)).transpose(1, 2)  # B css = rhs <=> css B^T = rhs^T (css symmetric)
+
+
+def batched(t: torch.Tensor) -> bool:
+    """Solve stacked systems in one call? On a GPU, yes: one call per small system costs a launch
+    and a synchronisation each (a hybrid SmolLM2 surgery had not finished after 330 s on an H200
+    that way). On the CPU, one at a time: torch's batched CPU solve runs its batch in parallel
+    around LAPACK and stalled for minutes on a busy 2-core machine (seen in the test suite)."""
+    return not t.is_cpu
+
+
+def solve_batched(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``X`` with ``a[j] X[j] = b[j]`` for stacked ``a`` (g, k, k) and ``b`` (g, k, m): one call
+    where :func:`batched` says so, else one system at a time."""
+    if batched(a):
+        return torch.linalg.solve(a, b)
+    return torch.stack([torch.linalg.solve(a[j], b[j]) for j in range(a.shape[0])])
 
 
 def whitener(cov: torch.Tensor | None, n: int, ridge: float, device) -> tuple[torch.Tensor, torch.Tensor] | None:
