@@ -328,8 +328,9 @@ def _onnx_reply(path: str, prompt: str, o: dict) -> str:
 
     from gpconv.errors import GPConvError
 
-    if o["repetition_penalty"] != 1.0:
-        raise GPConvError("--repetition-penalty is not supported for ONNX exports (greedy, temperature and top-p are)")
+    if o["repetition_penalty"] != 1.0 or o["static_cache"]:
+        flag = "--repetition-penalty" if o["repetition_penalty"] != 1.0 else "--static-cache"
+        raise GPConvError(f"{flag} is not supported for ONNX exports (greedy, temperature and top-p are)")
     tok = load_tokenizer(path, required=True)
     ids = chat_prompt(tok, prompt, o["system"], o["chat"]).numpy()
     out = OnnxCausalLM(path).generate(ids, o["max_new_tokens"], do_sample=o["do_sample"], temperature=o["temperature"],

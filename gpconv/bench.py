@@ -68,6 +68,8 @@ class BenchResult:
     shrunk: ModelResult
     machine: dict
     loadavg: tuple[str, str]
+    static_cache: bool = False
+    """Decode ran on a static KV cache with a compiled step (CUDA graphs on a GPU)."""
 
     @property
     def ratios(self) -> dict:
@@ -110,7 +112,8 @@ class BenchResult:
         lines = [
             f"{s.name} vs {d.name}",
             f"{self.device} {self.dtype}, threads {self.threads}, batch {self.batch}, prompt {self.prompt_len}, "
-            f"decode {self.new_tokens}, {self.repeats} interleaved repeats (medians)",
+            f"decode {self.new_tokens}{' (static cache, compiled step)' if self.static_cache else ''}, "
+            f"{self.repeats} interleaved repeats (medians)",
             head,
         ]
         lines += [f"{a:<{w0}}  {b:>{w[1]}}  {c:>{w[2]}}  {e:>{w[3]}}" for a, b, c, e in rows]
@@ -174,6 +177,44 @@ def run_once(model, ids: torch.Tensor, prompt_len: int, new_tokens: int) -> tupl
     _sync(device)
     t2 = time.perf_counter()
     return t1 - t0, t2 - t1
+
+
+class StaticDecoder:
+    """Decode steps on a static KV cache with the one-token step compiled once
+    (``torch.compile(mode="reduce-overhead")``: CUDA graphs on a GPU, where a 1-token step is
+    bound by kernel launches; on a CPU the same compiled step without graphs)."""
+
+    def __init__(self, model, max_len: int):
+        from transformers import StaticCache  # (only this decode path needs it)
+
+        self.model, self.max_len = model, max_len
+        self.cache_arg, self.keep = _forward_kwargs(model)
+        self.step = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True, dynamic=False)
+        self.cache_cls = StaticCache
+
+    def new_cache(self):
+        return self.cache_cls(config=self.model.config, max_cache_len=self.max_len)
+
+    def forward(self, ids, cache, start: int, compiled: bool):
+        kw = dict(input_ids=ids, use_cache=True, cache_position=torch.arange(start, start + ids.shape[1], device=ids.device))
+        kw[self.cache_arg] = cache
+        if self.keep:
+            kw["logits_to_keep"] = 1
+        return (self.step if compiled else self.model)(**kw)
+
+    @torch.inference_mode()
+    def run_once(self, ids: torch.Tensor, prompt_len: int, new_tokens: int) -> tuple[float, float]:
+        device = ids.device
+        cache = self.new_cache()
+        _sync(device)
+        t0 = time.perf_counter()
+        self.forward(ids[:, :prompt_len], cache, 0, compiled=False)  # prefill: one pass, eager
+        _sync(device)
+        t1 = time.perf_counter()
+        for k in range(new_tokens):
+            self.forward(ids[:, prompt_len + k: prompt_len + k + 1], cache, prompt_len + k, compiled=True)
+        _sync(device)
+        return t1 - t0, time.perf_counter() - t1
 
 
 def _param_stats(model) -> tuple[int, int]:
@@ -285,6 +326,7 @@ def bench(
     repeats: int = 3,
     memory: bool = True,
     threads: int | None = None,
+    static_cache: bool = False,
 ) -> BenchResult:
     """Measure dense vs shrunk (see module docs).
 
@@ -297,6 +339,8 @@ def bench(
         repeats: Interleaved repetitions per model (medians).
         memory: CPU: measure peak RSS in a child process per model.
         threads: torch.set_num_threads (default: torch's).
+        static_cache: Decode on a static KV cache with the step compiled (torch.compile, mode
+            reduce-overhead: CUDA graphs on a GPU), both models alike; prefill stays eager.
     """
     for name, v, lo in (("batch", batch, 1), ("prompt_len", prompt_len, 1), ("new_tokens", new_tokens, 1), ("repeats", repeats, 1)):
         if v < lo:
@@ -316,12 +360,13 @@ def bench(
             raise GPConvError(f"threads must be >= 1, got {threads}")
         torch.set_num_threads(threads)
     try:
-        return _bench(model_dir, baseline, dev, dtype, td, batch, prompt_len, new_tokens, repeats, memory)
+        return _bench(model_dir, baseline, dev, dtype, td, batch, prompt_len, new_tokens, repeats, memory, static_cache)
     finally:
         torch.set_num_threads(before)
 
 
-def _bench(model_dir, baseline, dev, dtype, td, batch, prompt_len, new_tokens, repeats, memory) -> BenchResult:
+def _bench(model_dir, baseline, dev, dtype, td, batch, prompt_len, new_tokens, repeats, memory,
+           static_cache=False) -> BenchResult:
     load_before = system.loadavg()
     dense, shrunk, dense_name, shrunk_name = load_pair(model_dir, baseline, td)
     max_pos = getattr(dense.config, "max_position_embeddings", None)
@@ -332,26 +377,29 @@ def _bench(model_dir, baseline, dev, dtype, td, batch, prompt_len, new_tokens, r
     stats = {k: _param_stats(m) for k, m in models.items()}
     run_dtype = next((str(p.dtype).replace("torch.", "") for p in shrunk.parameters() if p.is_floating_point()), "?")
     times = {k: ([], []) for k in models}
+    static = {k: StaticDecoder(m, prompt_len + new_tokens) for k, m in models.items()} if static_cache else None
     peaks: dict[str, tuple[int | None, int | None]] = {}
 
-    if dev.type == "cuda":
-        for m in models.values():
-            m.to("cpu")
-    for r in range(repeats + 1):  # round 0 warms up (allocator, kernels, caches) and is dropped
+    # on CUDA each model is on the GPU only while it runs, so its peak memory is its own; compiled
+    # static-cache steps (CUDA graphs) hold their weights' addresses, so both then stay there
+    move = dev.type == "cuda" and not static_cache
+    for m in models.values():
+        m.to("cpu" if move else dev)
+    for r in range(repeats + 1):  # round 0 warms up (allocator, kernels, caches, compilation) and is dropped
         for k, m in models.items():
-            if dev.type == "cuda":
+            if move:
                 m.to(dev)
                 torch.cuda.synchronize(dev)
                 torch.cuda.reset_peak_memory_stats(dev)
-            pf, dc = run_once(m, ids, prompt_len, new_tokens)
-            if dev.type == "cuda":
+            pf, dc = static[k].run_once(ids, prompt_len, new_tokens) if static else run_once(m, ids, prompt_len, new_tokens)
+            if move:
                 peaks[k] = (None, max(peaks.get(k, (None, 0))[1] or 0, torch.cuda.max_memory_allocated(dev)))
                 m.to("cpu")
                 torch.cuda.empty_cache()
             if r:
                 times[k][0].append(pf)
                 times[k][1].append(dc)
-    memory_kind = "cuda_max_allocated" if dev.type == "cuda" else ("rss" if memory else "skipped")
+    memory_kind = ("cuda_max_allocated" if move else "skipped") if dev.type == "cuda" else ("rss" if memory else "skipped")
     if dev.type == "cpu" and memory:
         del dense, shrunk, models  # the children load their own copies
         for k in ("dense", "shrunk"):
@@ -369,7 +417,7 @@ def _bench(model_dir, baseline, dev, dtype, td, batch, prompt_len, new_tokens, r
 
     return BenchResult(
         device=str(dev), dtype=run_dtype, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens,
-        repeats=repeats, threads=torch.get_num_threads(), memory_kind=memory_kind,
+        repeats=repeats, threads=torch.get_num_threads(), memory_kind=memory_kind, static_cache=static_cache,
         dense=result("dense", dense_name), shrunk=result("shrunk", shrunk_name),
         machine=machine_info(), loadavg=(load_before, system.loadavg()),
     )

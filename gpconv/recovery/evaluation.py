@@ -101,6 +101,7 @@ def generate(
     system: str | None = None,
     chat: bool = True,
     seed: int | None = None,
+    static_cache: bool = False,
 ) -> str:
     """The model's reply to ``prompt`` (only the new text). Greedy unless ``do_sample``.
 
@@ -113,6 +114,8 @@ def generate(
         system: A system message (chat templates that support one).
         chat: Feed the prompt through the tokenizer's chat template (when it has one).
         seed: Seed for sampling.
+        static_cache: Decode on a static KV cache (transformers then compiles the decode step;
+            on a GPU with CUDA graphs, which pays for short 1-token steps).
     """
     if not hasattr(model, "generate"):
         raise GPConvError(f"generate needs a transformers model; {type(model).__name__} has no .generate")
@@ -120,6 +123,8 @@ def generate(
         raise GPConvError("generate needs a tokenizer; this model directory has none")
     ids = chat_prompt(tokenizer, prompt, system, chat).to(_device(model))
     kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, repetition_penalty=repetition_penalty)
+    if static_cache:
+        kw["cache_implementation"] = "static"
     if do_sample:  # sampling knobs only when sampling (transformers warns otherwise)
         kw.update(temperature=temperature, top_p=top_p)
     pad = getattr(model.generation_config, "pad_token_id", None)
