@@ -1,7 +1,7 @@
 """Quality per parameter on a real pretrained model: gpconv against low-rank, depth pruning and
 training from scratch, at the same size, the same recovery budget, the same teacher and data.
 
-    python benchmarks/compare.py --fractions 0.5 0.25 --steps 120 --out docs/results
+    python benchmarks/compare.py --fractions 0.5 0.25 --steps 120 --out benchmarks/results/recovery
 
 For every target fraction of the non-embedding parameters and every method it builds a student
 from the teacher (SmolLM2-135M-Instruct from the offline GGUF by default), measures held-out
@@ -180,7 +180,7 @@ def main():
                     help="take each student from DIR/<method>@<fraction> (saved by --save-students) instead of "
                          "running the surgery: surgery on one machine, recovery on another. Tensors the checkpoint "
                          "lacks (an embedding left out to move less data) are the teacher's")
-    ap.add_argument("--out", default="docs/results")
+    ap.add_argument("--out", default="benchmarks/results/recovery")
     ap.add_argument("--merge", nargs="+", default=None, metavar="DIR",
                     help="only merge the results.json of runs made in parallel (one per fraction) into --out")
     args = ap.parse_args()

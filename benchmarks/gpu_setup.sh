@@ -1,4 +1,4 @@
-# Sourced by gpu_check.sh and gpu_recovery.sh on a GPU machine without network: unbuffered
+# Sourced by gpu_check.sh on a GPU machine without network: unbuffered
 # Python output, wheels carried under .whl/ (e.g. gguf) installed to /tmp/site, and this tree
 # installed without dependencies or build isolation (the machine's image has torch,
 # transformers and typer) unless it already is.

@@ -1,12 +1,12 @@
 """Several seeds of two methods' recovery, side by side: per-seed and mean curves, and a paired test.
 
 Reads a JSON of ``compare.py`` results keyed ``"<method>@<fraction> seed<N>"`` (as in
-``docs/results/long_25.json``), draws perplexity against recovery tokens (thin: each seed,
+``benchmarks/results/recovery/long_25.json``), draws perplexity against recovery tokens (thin: each seed,
 thick: the mean over seeds) for Alpaca and WikiText, and prints, at the last evaluation, each
 seed's difference from the baseline method (``--baseline``, default svd) with the paired t statistic over seeds.
 
-    python benchmarks/plot_seeds.py docs/results/long_25.json --out docs/results/long_25.png
-    python benchmarks/plot_seeds.py docs/results/long_25.json --from-runs runs/long-25-svd-seed1 ...  # add runs first
+    python benchmarks/plot_seeds.py benchmarks/results/recovery/long_25.json --out benchmarks/results/recovery/long_25.png
+    python benchmarks/plot_seeds.py benchmarks/results/recovery/long_25.json --from-runs runs/long-25-svd-seed1 ...  # add runs first
 
 ``--from-runs DIR ...`` first adds the results of compare.py output directories (their
 ``results.json``) under ``"<key> seed<N>"``, N read from the run's ``--seed`` (0 if absent).

@@ -81,7 +81,7 @@ class Group:
             default = _default(f) if flag.default is _UNSET else flag.default
             names = flag.names or (f"--{self.param_name(f.name).replace('_', '-')}",)
             annotation = flag.cli_type or _cli_type(hints[f.name])
-            if annotation is bool and len(names) == 1 and names[0].startswith("--") and default is True:
+            if annotation is bool and len(names) == 1 and "/" not in names[0] and default is True:
                 names = (f"{names[0]}/--no-{names[0][2:]}",)  # a True default can be switched off
             help_text = flag.help if flag.help is not None else _help(docs.get(f.name, ""))
             opt = typer.Option(default, *names, help=help_text, show_default=default is not None and default is not ...)

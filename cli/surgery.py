@@ -40,6 +40,7 @@ def shrink(
     dry_run: bool = typer.Option(False, "--dry-run", help="Plan and report only; reads the config, not the weights."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON instead of tables."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a non-empty output directory."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N: where calibration and the fits run (the checkpoint is written from the CPU)."),
     **opts,
 ):
     """Replace a model's dense layers by grouped pointwise blocks and save it."""
@@ -65,12 +66,13 @@ def shrink(
     check_output_dir(out, overwrite)
     if cfg.init == "fit" and calibration.source is None:
         raise GPConvError("--init fit needs --calibration-data (e.g. an instruction .json/.jsonl file)")
-    if calibration.source is not None:  # data-aware: the model is loaded
+    dev = _device(device)
+    if calibration.source is not None or dev.type != "cpu":  # data-aware, or on a GPU: the model is loaded
         m, tok = gpconv.load_model(model, dtype=dtype)
-        calib = calibration_from_source(calibration, tok)
-        report = gpconv.shrink(m, cfg, calibration=calib, model_name=model)
+        calib = calibration_from_source(calibration, tok) if calibration.source is not None else None
+        report = gpconv.shrink(m.to(dev), cfg, calibration=calib, model_name=model)
         _check_changed(report)
-        gpconv.save_pretrained(m, out, tok, overwrite=overwrite, report=report)
+        gpconv.save_pretrained(m.to("cpu"), out, tok, overwrite=overwrite, report=report)
         _finish(report, out, as_json)
         return
     from gpconv.hub import StreamUnsupported, stream_shrink
@@ -87,6 +89,22 @@ def shrink(
         _check_changed(report)
         gpconv.save_pretrained(m, out, tok, overwrite=overwrite, report=report)
     _finish(report, out, as_json)
+
+
+def _device(name: str):
+    import torch
+
+    from gpconv.errors import GPConvError
+
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise GPConvError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GPConvError(f"--device {name}, but torch sees no CUDA device")
+    if dev.type not in ("cpu", "cuda"):
+        raise GPConvError(f"surgery runs on cpu or cuda, not {name!r}")
+    return dev
 
 
 def _check_changed(report) -> None:

@@ -94,7 +94,7 @@ class GPConvConfig:
     """'io' (G1(x) + G2(interleave(x)), the report's default), 'chained', 'hybrid' or 'lowrank'.
     'hybrid' without ``rank``: each layer gets the io block's budget (at ``min_channels_per_group``)
     and spends it on the least-error of low-rank, io, or io with g groups + low-rank, g allowed
-    down to ``gpconv.budget.HYBRID_MIN_CHANNELS`` channels per group."""
+    down to ``gpconv.surgery.HYBRID_MIN_CHANNELS`` channels per group."""
     init: str = "random"
     """'random' (train from scratch), 'project' (closest in weights) or 'fit' (closest on data)."""
     rank: float | int | None = None
@@ -110,7 +110,7 @@ class GPConvConfig:
     (stored as an index, free at run time); kept only where it lowers the measured error."""
     target_params: float | int | str | None = None
     """Land at or just under this many non-embedding parameters: a fraction (0.25) or a count
-    ("53M"). The budget solver then picks each layer's block from its menu (see gpconv.budget),
+    ("53M"). The budget solver then picks each layer's block from its menu (see gpconv.surgery.budget),
     ``min_channels_per_group`` acting as the smallest group size allowed."""
     num_layers: int | None = None
     """Depth truncation: keep this many decoder layers (the first ones, or the most important
