@@ -69,8 +69,6 @@ def sources(tmp_path_factory):
     ],
 )
 def test_stream_equals_in_memory(tmp_path, sources, family, kw, dtype):
-    if "permute" in kw and "permute" not in GPConvConfig.__dataclass_fields__:
-        pytest.skip("this gpconv has no permute option")
     src = sources[family]
     cfg = GPConvConfig(min_channels_per_group=MCPG, **kw)
     model, rep_mem = _in_memory(src, tmp_path / "mem", cfg, dtype)
