@@ -240,3 +240,14 @@ def test_pipeline_text_generation_on_demo_model():
     pipe = pipeline("text-generation", model=model, tokenizer=tok)
     out = pipe("Hello", max_new_tokens=5, do_sample=False)
     assert out[0]["generated_text"].startswith("Hello")
+
+
+def test_preset_none_truncates_depth_alone():
+    from tiny_models import FAMILIES
+
+    model = FAMILIES["llama"][0]()
+    rep = shrink(model, GPConvConfig(target_modules="none", num_layers=1))
+    assert rep.layers_kept == [0] and rep.unmatched_patterns == [] and not rep.replaced
+    assert not any(is_gpconv_module(m) for m in model.modules())
+    with pytest.raises(GPConvError, match="no module matched"):
+        shrink(FAMILIES["llama"][0](), GPConvConfig(target_modules="none"))

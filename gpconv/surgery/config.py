@@ -3,7 +3,7 @@
 A pattern (``target_modules``, ``exclude_modules``, the keys of
 ``min_channels_per_group_overrides``) matches a module whose full dotted name equals it, ends
 with ``"." + pattern``, or fully matches it as a regular expression. The presets
-``"all-linear"``, ``"attention"`` and ``"mlp"`` select by role (:func:`module_kind`); presets
+``"all-linear"``, ``"attention"`` and ``"mlp"`` select by role (:func:`module_kind`), ``"none"`` no layer; presets
 never select the output layer (``lm_head``).
 """
 
@@ -17,7 +17,7 @@ from ..errors import GPConvError
 from ..fitting import DEFAULT_RIDGE, INITS
 from ..layers import VARIANTS
 
-PRESETS = ("all-linear", "attention", "mlp")
+PRESETS = ("all-linear", "attention", "mlp", "none")  # "none": no layer (depth truncation alone)
 
 Patterns = str | Sequence[str]
 
@@ -78,8 +78,9 @@ class GPConvConfig:
     Patterns (``target_modules``, ``exclude_modules`` and the keys of
     ``min_channels_per_group_overrides``) follow one rule: a pattern matches a module whose full
     dotted name equals it, ends with ``"." + pattern``, or fully matches it as a regular
-    expression. The presets ``"all-linear"``, ``"attention"`` and ``"mlp"`` select by role;
-    presets never select the output layer (``lm_head``). A list matches if any entry does.
+    expression. The presets ``"all-linear"``, ``"attention"`` and ``"mlp"`` select by role
+    (``"none"``: no layer, for depth truncation alone); presets never select the output layer
+    (``lm_head``). A list matches if any entry does.
     """
 
     target_modules: Patterns = "all-linear"
@@ -192,7 +193,7 @@ def compile_pattern(pattern: str) -> re.Pattern | None:
 
 def pattern_matches(pattern: str, name: str, kind: str, is_output: bool) -> bool:
     if pattern in PRESETS:
-        if is_output:
+        if is_output or pattern == "none":
             return False
         return pattern == "all-linear" or pattern == kind
     if name == pattern or name.endswith("." + pattern):

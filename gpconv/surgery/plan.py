@@ -119,7 +119,7 @@ def plan_model(model: nn.Module, cfg: GPConvConfig, filter_fn) -> tuple[list[Pla
         planned.append(
             Planned(name, mod, kind, n_in, n_out, source, spec, "replaced" if spec else "dense", reason)
         )
-    unmatched = [p for p in as_list(cfg.target_modules) if p not in used_patterns]
+    unmatched = [p for p in as_list(cfg.target_modules) if p not in used_patterns and p != "none"]
     return planned, unmatched
 
 
