@@ -87,10 +87,16 @@ def _load(spec: str, dtype: str):
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        raw = json.loads(path.read_text())
-        if "model_type" not in raw:
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except ValueError as e:  # not JSON, not UTF-8
+            raise GPConvError(f"{spec} is not valid JSON ({e})") from None
+        if not isinstance(raw, dict) or "model_type" not in raw:
             raise GPConvError(f"{spec} has no model_type; not a transformers config")
-        cfg = AutoConfig.for_model(raw.pop("model_type"), **raw)
+        try:
+            cfg = AutoConfig.for_model(raw.pop("model_type"), **raw)
+        except (ValueError, TypeError) as e:  # an unknown model_type, a field of the wrong type
+            raise GPConvError(f"{spec} is not a usable transformers config ({str(e).strip().splitlines()[0]})") from None
         return AutoModelForCausalLM.from_config(cfg, dtype=parse_dtype(dtype) or torch.float32), None
     return gpconv.load_model(spec, dtype=dtype)
 
@@ -331,8 +337,9 @@ def _onnx_reply(path: str, prompt: str, o: dict) -> str:
     if o["repetition_penalty"] != 1.0 or o["static_cache"]:
         flag = "--repetition-penalty" if o["repetition_penalty"] != 1.0 else "--static-cache"
         raise GPConvError(f"{flag} is not supported for ONNX exports (greedy, temperature and top-p are)")
+    lm = OnnxCausalLM(path)  # first: an incomplete export says what it lacks
     tok = load_tokenizer(path, required=True)
     ids = chat_prompt(tok, prompt, o["system"], o["chat"]).numpy()
-    out = OnnxCausalLM(path).generate(ids, o["max_new_tokens"], do_sample=o["do_sample"], temperature=o["temperature"],
+    out = lm.generate(ids, o["max_new_tokens"], do_sample=o["do_sample"], temperature=o["temperature"],
                                       top_p=o["top_p"], seed=o["seed"])
     return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)

@@ -107,6 +107,16 @@ def _device(name: str):
     return dev
 
 
+def _check_writable(path: Path, flag: str) -> None:
+    """A file the command will write: refused before any work if its directory is missing or it is a directory."""
+    from gpconv.errors import GPConvError
+
+    if path.is_dir():
+        raise GPConvError(f"{flag} {path} is a directory; give a file name")
+    if not path.parent.is_dir():
+        raise GPConvError(f"{flag} {path}: no such directory {path.parent}")
+
+
 def _check_changed(report) -> None:
     """Refuse to write a copy of the model that surgery left as it was."""
     from gpconv.errors import GPConvError
@@ -151,6 +161,8 @@ def report(
     import gpconv
     from gpconv.surgery import describe
 
+    if markdown is not None:
+        _check_writable(markdown, "--markdown")
     m, _ = gpconv.load_model(model, meta=True)
     if REPORT.given(opts):
         rep = gpconv.shrink(m, REPORT.build(opts), dry_run=True, model_name=model)

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import re
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ from pathlib import Path
 from typing import Iterable
 
 from ..errors import GPConvError
+from ..hfutil import first_line
 
 # alias -> (hub path, config name, split, stream by default)
 HUB_ALIASES = {
@@ -95,22 +97,38 @@ class Rows:
         return not isinstance(self.rows, list)
 
 
+def _read_text(path: Path) -> str:
+    """The file's text as UTF-8; another encoding is one line naming the file and the first bad byte."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise GPConvError(f"{path} is not UTF-8 text (byte 0x{data[e.start]:02x} at line {line}); "
+                          "convert it, e.g. iconv -f latin1 -t utf-8") from None
+
+
 def _read_local(path: Path) -> list[dict]:
     """A small local file as a list of row dicts (no datasets cache, no arrow conversion)."""
     suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow  # heavy, and only parquet files need it
+        import pyarrow.parquet as pq  # heavy, and only parquet files need it
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except (pyarrow.ArrowException, OSError) as e:
+            raise GPConvError(f"cannot read {path}: {str(e).strip().splitlines()[0]}") from None
+    text = _read_text(path)
     if suffix == ".txt":
         # Paragraphs (split at blank lines) are the records, so a text file can be split into
         # train and validation; they are rejoined with the blank line and no end-of-text token.
-        text = path.read_text(encoding="utf-8")
         return [{"text": p.strip("\n") + "\n\n", "_eos": False} for p in re.split(r"\n[ \t]*\n", text) if p.strip()]
     if suffix == ".csv":
-        with path.open(newline="", encoding="utf-8") as f:
-            return list(csv.DictReader(f))
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq  # heavy, and only parquet files need it
-
-        return pq.read_table(path).to_pylist()
-    text = path.read_text(encoding="utf-8")
+        try:
+            return list(csv.DictReader(io.StringIO(text, newline="")))
+        except csv.Error as e:
+            raise GPConvError(f"{path} is not a readable CSV file ({e})") from None
     if suffix == ".json":
         try:
             data = json.loads(text)
@@ -130,9 +148,12 @@ def _read_local(path: Path) -> list[dict]:
     for i, line in enumerate(text.splitlines(), 1):
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError as e:
                 raise GPConvError(f"{path}:{i} is not valid JSON ({e})") from None
+            if not isinstance(row, dict):
+                raise GPConvError(f"{path}:{i}: expected a JSON object (one row per line), got {type(row).__name__}")
+            rows.append(row)
     return rows
 
 
@@ -184,7 +205,11 @@ def load_rows(source: str, *, split: str | None = None, streaming: bool | None =
         if streaming:
             ds = _stream_local(path)
             rows = ds.take(max_samples) if max_samples else ds
-            return Rows(rows, detect_schema(_columns(ds), str(path)), str(path))
+            try:
+                columns = _columns(ds)  # reads the first rows: a file datasets cannot parse fails here
+            except Exception as e:  # datasets wraps the parser's error (JSON, UTF-8, CSV, arrow) in its own types
+                raise GPConvError(f"cannot read {source}: {first_line(e)}") from None
+            return Rows(rows, detect_schema(columns, str(path)), str(path))
         rows = _read_local(path)
         if not rows:
             raise GPConvError(f"{source} holds no rows")

@@ -10,12 +10,15 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import GPConvError
+from ..hfutil import first_line
 from .onnx import EXPORT_FILE, MODEL_FILE
 
 
 def is_onnx_export(path) -> bool:
-    p = Path(path)
-    return (p / EXPORT_FILE).is_file() and (p / MODEL_FILE).is_file()
+    """Does ``path`` hold a gpconv ONNX export (its ``gpconv_export.json``)? A whole one or not:
+    :class:`OnnxCausalLM` says what an incomplete one lacks, rather than the directory being
+    read as a model (its config.json alone would load as a randomly initialised one)."""
+    return (Path(path) / EXPORT_FILE).is_file()
 
 
 class OnnxCausalLM:
@@ -36,7 +39,14 @@ class OnnxCausalLM:
         self.path = Path(path).expanduser()
         if not is_onnx_export(self.path):
             raise GPConvError(f"{self.path} is not a gpconv ONNX export ({MODEL_FILE} and {EXPORT_FILE} expected)")
-        self.meta = json.loads((self.path / EXPORT_FILE).read_text())
+        if not (self.path / MODEL_FILE).is_file():
+            raise GPConvError(f"{self.path} is an incomplete ONNX export: {MODEL_FILE} is missing; export it again (gpconv export)")
+        try:
+            self.meta = json.loads((self.path / EXPORT_FILE).read_text(encoding="utf-8"))
+        except ValueError as e:  # not JSON, not UTF-8
+            raise GPConvError(f"{self.path / EXPORT_FILE} is damaged ({first_line(e)}); export it again (gpconv export)") from None
+        if not isinstance(self.meta, dict) or "dtype" not in self.meta:
+            raise GPConvError(f"{self.path / EXPORT_FILE} is damaged (no dtype); export it again (gpconv export)")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if threads is not None:

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from ..errors import GPConvError
-from ..hfutil import parse_dtype, quiet
+from ..hfutil import first_line, parse_dtype, quiet
 from ..surgery import apply_plan
 from .save import PLAN_FILE
 
@@ -33,9 +33,10 @@ def is_gpconv_dir(path) -> bool:
     if not cfg.is_file():
         return False
     try:
-        return "gpconv" in json.loads(cfg.read_text())
-    except (json.JSONDecodeError, OSError):
+        raw = json.loads(cfg.read_text(encoding="utf-8"))
+    except (ValueError, OSError):  # not JSON, not UTF-8: read_config says so where it matters
         return False
+    return isinstance(raw, dict) and "gpconv" in raw
 
 
 def has_weights(path) -> bool:
@@ -52,16 +53,37 @@ def build_meta(config):
 
 
 def weight_files(path: Path) -> list[Path]:
+    """The safetensors shards of a checkpoint directory, each header checked (see :func:`check_safetensors`)."""
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return [path / f for f in sorted(set(weight_map.values()))]
-    files = sorted(path.glob("*.safetensors"))
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            files = [path / f for f in sorted(set(weight_map.values()))]
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError, UnicodeDecodeError) as e:
+            raise GPConvError(f"{index} is not a valid safetensors index ({first_line(e)})") from None
+    else:
+        files = sorted(path.glob("*.safetensors"))
     if not files:
         if any(path.glob("*.bin")):
             raise GPConvError(f"{path} holds only pickled .bin weights; gpconv loads safetensors only (no pickle)")
         raise GPConvError(f"{path} holds no .safetensors weights")
+    for f in files:
+        check_safetensors(f)
     return files
+
+
+def check_safetensors(f: Path) -> None:
+    """Read ``f``'s header: a missing, truncated (an interrupted download) or foreign file is one
+    line here, before any model is built. safetensors checks that the header's tensors cover the
+    file exactly, so a file cut short anywhere fails this."""
+    if not f.is_file():
+        raise GPConvError(f"cannot read {f}: no such file (the checkpoint is incomplete; download or save it again)")
+    try:
+        with safe_open(str(f), framework="pt", device="cpu"):
+            pass
+    except Exception as e:  # SafetensorError (not an OSError or ValueError), OSError: the file, not gpconv
+        raise GPConvError(f"cannot read {f}: not a valid safetensors file ({first_line(e)}); "
+                          "an interrupted download? download or save it again") from None
 
 
 def read_config(path: Path) -> dict:
@@ -69,9 +91,12 @@ def read_config(path: Path) -> dict:
     if not cfg.is_file():
         raise GPConvError(f"{path} has no config.json; not a model directory")
     try:
-        return json.loads(cfg.read_text())
-    except json.JSONDecodeError as e:
-        raise GPConvError(f"{cfg} is not valid JSON ({e})") from None
+        raw = json.loads(cfg.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GPConvError(f"{cfg} is not valid JSON ({e}); an interrupted download? download or save it again") from None
+    if not isinstance(raw, dict):
+        raise GPConvError(f"{cfg} is not a model config (a JSON object), it holds a {type(raw).__name__}")
+    return raw
 
 
 def load_meta(path: str | os.PathLike) -> nn.Module:
@@ -83,7 +108,10 @@ def load_meta(path: str | os.PathLike) -> nn.Module:
     with quiet():
         config = AutoConfig.from_pretrained(path)
     model = build_meta(config)
-    apply_plan(model, raw["gpconv"])
+    try:
+        apply_plan(model, raw["gpconv"])
+    except GPConvError as e:
+        raise GPConvError(f"{path / 'config.json'}: {e}") from None
     return model
 
 
@@ -138,7 +166,12 @@ def load_into(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     plan_file = path / PLAN_FILE
     if not plan_file.is_file():
         raise GPConvError(f"{path} has no {PLAN_FILE}; not a gpconv checkpoint of a custom module")
-    plan = json.loads(plan_file.read_text())
-    apply_plan(model, plan)
+    try:
+        plan = json.loads(plan_file.read_text(encoding="utf-8"))
+        apply_plan(model, plan)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GPConvError(f"{plan_file} is not valid JSON ({e})") from None
+    except GPConvError as e:
+        raise GPConvError(f"{plan_file}: {e}") from None
     load_state_(model, weight_files(path))
     return model

@@ -27,7 +27,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Phi3Co
 
 from ..errors import GPConvError
 from ..hfutil import first_line, parse_dtype, quiet
-from .load import build_meta, from_pretrained, has_weights, is_gpconv_dir, load_meta
+from .load import build_meta, from_pretrained, has_weights, is_gpconv_dir, load_meta, read_config, weight_files
 
 DEMO_MODELS = {
     "tiny-phi3": "Phi-3 architecture scaled by 1/4 in width (hidden 768, intermediate 2048, 12 heads), "
@@ -126,6 +126,7 @@ def load_gguf(path: str | os.PathLike, dtype=None):
         import gguf  # noqa: F401  (optional: only .gguf files need it; transformers reads them through it)
     except ImportError:
         raise GPConvError("reading .gguf files needs the gguf package: pip install gguf") from None
+    check_gguf(path)
     with quiet():
         tok = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         q = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
@@ -149,6 +150,18 @@ def load_gguf(path: str | os.PathLike, dtype=None):
     if td is not None:
         model.to(td)
     return model.eval(), tok
+
+
+def check_gguf(path: Path) -> None:
+    """Parse ``path``'s header and tensor table: a truncated (an interrupted download) or foreign
+    file is one line here, not a struct or numpy error from deep inside transformers."""
+    from gguf import GGUFReader  # optional: only .gguf files need it (checked by the caller)
+
+    try:
+        GGUFReader(str(path))
+    except Exception as e:  # struct.error, ValueError, IndexError, OSError...: all mean "not a whole GGUF file"
+        raise GPConvError(f"cannot read {path}: not a valid GGUF file ({first_line(e)}); "
+                          "an interrupted download? download it again") from None
 
 
 BYTE_TOKENIZER = "byte"  # a tokenizer spec: gpconv's byte-level tokenizer (what tiny-phi3 uses)
@@ -178,8 +191,10 @@ def load_config(spec: str):
         return tiny_phi3_config() if spec == "tiny-phi3" else _gguf_config(smollm2_gguf_path())
     if spec.endswith(".gguf"):
         return _gguf_config(Path(spec))
-    if Path(spec).is_dir() and not (Path(spec) / "config.json").is_file():
-        raise GPConvError(f"{spec} is a directory without config.json; not a model directory")
+    if Path(spec).is_dir():
+        if not (Path(spec) / "config.json").is_file():
+            raise GPConvError(f"{spec} is a directory without config.json; not a model directory")
+        read_config(Path(spec))  # JSON, or a one-line error naming the file
     _check_local(spec)
     try:
         with quiet():
@@ -223,6 +238,9 @@ def load_model(spec: str, dtype=None, meta: bool = False):
             return from_pretrained(path, dtype=dtype), load_tokenizer(path)
         if not (path / "config.json").is_file():
             raise GPConvError(f"{spec} is a directory without config.json; not a model directory")
+        read_config(path)  # JSON, or a one-line error naming the file
+        if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
+            weight_files(path)  # every shard there and whole, before transformers reads them
         if not has_weights(path):
             # only a config: the paper's from-scratch setting (random init)
             with quiet():

@@ -190,6 +190,8 @@ def parse_value(text: str) -> Any:
 def read_yaml(path: Path) -> dict:
     try:
         data = yaml.load(path.read_text(encoding="utf-8"), Loader=_Loader)
+    except UnicodeDecodeError as e:
+        raise GPConvError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
         first = str(e).strip().splitlines()
         raise GPConvError(f"{path} is not valid YAML ({' '.join(first[:2])})") from None

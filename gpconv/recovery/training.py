@@ -125,10 +125,16 @@ def check_run_dir(out_dir, resume: bool = False, overwrite: bool = False) -> Pat
     """Refuse a run directory that would be clobbered or cannot be resumed (touches nothing)."""
     out = Path(out_dir).expanduser()
     if resume:
-        if out.is_dir() and any(out.iterdir()) and not (out / RUN_FILE).is_file():
-            raise GPConvError(f"nothing to resume in {out}: it is not a gpconv training run ({RUN_FILE} missing)")
         if out.exists() and not out.is_dir():
             raise GPConvError(f"output path {out} exists and is not a directory")
+        if not out.is_dir() or not any(out.iterdir()):
+            raise GPConvError(f"nothing to resume in {out}: no such run (the directory is missing or empty); "
+                              "drop --resume to start one")
+        if not (out / RUN_FILE).is_file():
+            raise GPConvError(f"nothing to resume in {out}: it is not a gpconv training run ({RUN_FILE} missing)")
+        if latest_checkpoint(out) is None:  # a resumed run would silently start again from step 0
+            raise GPConvError(f"nothing to resume in {out}: the run saved no complete checkpoint "
+                              "(checkpoints/step-*); start it afresh with --overwrite instead of --resume")
         return out
     return check_output_dir(out, overwrite=overwrite)
 

@@ -310,21 +310,31 @@ def bounded(menus: dict[str, list[Option]], budget: int, spread: float = SPREAD)
     return out
 
 
+def check_reachable(menus: dict[str, list[Option]], budget: int, target=None) -> None:
+    """Raise GPConvError when even the smallest option of every menu exceeds ``budget``.
+
+    Option sizes depend on shapes alone, so the size-only menus of a plan give the same answer
+    as the measured ones: shrink asks before calibration runs. ``target``: the user's value, quoted.
+    """
+    smallest = sum(min(o.params for o in v) for v in menus.values())
+    if smallest > budget:
+        asked = f"--target-params {target} is" if target is not None else "the target is"
+        raise GPConvError(
+            f"{asked} out of reach: even the smallest blocks keep {smallest:,} parameters in the "
+            f"replaced layers, {smallest - budget:,} over the budget left for them; lower "
+            f"--min-channels-per-group, target more layers, or truncate depth"
+        )
+
+
 def solve(menus: dict[str, list[Option]], budget: int) -> dict[str, Option]:
     """One option per key, total params <= ``budget`` if possible, least summed error (greedy).
 
     Raises GPConvError when even the smallest options do not fit.
     """
+    check_reachable(menus, budget)
     hulls = {k: _hull(v) for k, v in menus.items()}
     pos = {k: 0 for k in hulls}
     total = sum(h[0].params for h in hulls.values())
-    smallest = sum(min(o.params for o in v) for v in menus.values())
-    if smallest > budget:
-        raise GPConvError(
-            f"the target is out of reach: even the smallest blocks keep {smallest:,} parameters in the "
-            f"replaced layers, {smallest - budget:,} over the budget left for them; lower "
-            f"--min-channels-per-group, target more layers, or truncate depth"
-        )
     while total > budget:
         best_key, best_rate = None, None
         for k, h in hulls.items():

@@ -171,8 +171,14 @@ def apply_plan(model: nn.Module, plan: Mapping, *, device=None, dtype=None) -> n
     Used by loading: the replaced layers get fresh (or meta) parameters of the right shapes, and
     the checkpoint's tensors are loaded into them afterwards.
     """
+    if not isinstance(plan, Mapping):
+        raise GPConvError(f"the gpconv plan is not a mapping of format and modules (it is a {type(plan).__name__}); "
+                          "the checkpoint's metadata is damaged, save it again")
     if plan.get("format") != PLAN_FORMAT:
         raise GPConvError(f"unsupported gpconv plan format {plan.get('format')!r} (this gpconv reads {PLAN_FORMAT})")
+    if not isinstance(plan.get("modules"), Mapping):
+        raise GPConvError("the gpconv plan has no 'modules' mapping (module name -> block); "
+                          "the checkpoint's metadata is damaged, save it again")
     specs = {}
     for name, d in plan["modules"].items():
         try:

@@ -17,7 +17,7 @@ from torch import nn
 
 from ..errors import GPConvError
 from ..fitting import fit_layer
-from .budget import HYBRID_MIN_CHANNELS, best_split, bounded, layer_options, option_errors, solve
+from .budget import HYBRID_MIN_CHANNELS, best_split, bounded, check_reachable, layer_options, option_errors, solve
 from .calibrate import Calibration, collect_stats, run_sequential
 from .config import GPConvConfig, mcpg_for, parse_target, show_patterns
 from .depth import check_keep, most_important, num_layers, truncate
@@ -79,6 +79,8 @@ def shrink(
 
     # 3. allocation: a parameter target, or the hybrid's grouped / low-rank split
     stats = None
+    if cfg.target_params is not None and fresh:
+        _check_target(model, cfg, fresh, before)  # from the plan's shapes: before calibration runs (minutes)
     needs_alloc = cfg.target_params is not None or (cfg.variant == "hybrid" and cfg.rank is None)
     if calibration is not None and not meta and fresh and (needs_alloc or not calibration.sequential):
         stats = collect_stats(model, calibration, [p.name for p in fresh])
@@ -177,8 +179,7 @@ def _allocate(model, cfg: GPConvConfig, fresh: list[Planned], planned, stats, be
         bias = getattr(p.module, "bias", None) is not None
         menus[p.name] = layer_options(family, p.in_features, p.out_features, bias, p.source, w, cov,
                                       mcpg_for(cfg, p.name), cfg.ridge, cov_eval=held)
-    fixed = count_parameters(model).non_embedding - sum(p.in_features * p.out_features for p in fresh)
-    target = parse_target(cfg.target_params, before.non_embedding)
+    target, left = _budget_left(model, cfg, fresh, before)
     if by_role:
         roles: dict[tuple, list[Planned]] = {}
         for p in fresh:
@@ -186,10 +187,10 @@ def _allocate(model, cfg: GPConvConfig, fresh: list[Planned], planned, stats, be
         merged = {}
         for key, ps in roles.items():
             merged[key] = _merge_menus([menus[p.name] for p in ps])
-        choice = solve(bounded(merged, target - fixed), target - fixed)
+        choice = solve(bounded(merged, left), left)
         picks = {p.name: choice[key][i] for key, ps in roles.items() for i, p in enumerate(ps)}
     else:
-        picks = solve(bounded(menus, target - fixed), target - fixed)
+        picks = solve(bounded(menus, left), left)
     for p in fresh:
         opt = picks[p.name]
         p.spec = opt.spec
@@ -200,6 +201,21 @@ def _allocate(model, cfg: GPConvConfig, fresh: list[Planned], planned, stats, be
             if family == "hybrid":  # the solver gave this layer a budget: split it by error
                 _split(p, opt.params, cfg, stats, meta)
     return target
+
+
+def _budget_left(model, cfg: GPConvConfig, fresh: list[Planned], before) -> tuple[int, int]:
+    """The non-embedding target and what it leaves for the fresh layers (the rest stays as it is)."""
+    fixed = count_parameters(model).non_embedding - sum(p.in_features * p.out_features for p in fresh)
+    target = parse_target(cfg.target_params, before.non_embedding)
+    return target, target - fixed
+
+
+def _check_target(model, cfg: GPConvConfig, fresh: list[Planned], before) -> None:
+    """Refuse an unreachable target_params from the layers' shapes alone (no weights, no data)."""
+    _, left = _budget_left(model, cfg, fresh, before)
+    menus = {p.name: layer_options(cfg.variant, p.in_features, p.out_features, getattr(p.module, "bias", None) is not None,
+                                   p.source, None, None, mcpg_for(cfg, p.name)) for p in fresh}
+    check_reachable(bounded(menus, left), left, cfg.target_params)
 
 
 def _split_mcpg(cfg: GPConvConfig, name: str) -> int:

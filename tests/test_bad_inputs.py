@@ -1,0 +1,245 @@
+"""Bad inputs, one table: every command that reads a model or a data file refuses each kind of
+broken input with exit status 2, exactly one ``error:`` line on stderr, no traceback, and nothing
+new on disk.
+
+Each case makes its bad input under ``tmp_path`` (a copy of a small saved checkpoint, a file with
+the wrong bytes, ...), runs the CLI in-process and compares the directory tree before and after.
+"""
+
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from typer.testing import CliRunner
+
+import gpconv
+from gpconv.hub import tiny_phi3
+from gpconv_cli.main import app
+
+SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
+ROWS = [{"text": f"row {i}: apple pear plum fig kiwi lime date lemon mango peach"} for i in range(24)]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """Good inputs, made once: a gpconv checkpoint, a plain dense checkpoint, a data file."""
+    root = tmp_path_factory.mktemp("world")
+    dense, tok = tiny_phi3(seed=0, **SMALL)
+    dense.save_pretrained(root / "dense")
+    tok.save_pretrained(root / "dense")
+    shrunk, _ = tiny_phi3(seed=0, **SMALL)
+    gpconv.shrink(shrunk, gpconv.GPConvConfig(min_channels_per_group=16, init="project"))
+    gpconv.save_pretrained(shrunk, root / "ckpt", tok)
+    (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return SimpleNamespace(root=root, dense=root / "dense", ckpt=root / "ckpt", data=root / "data.jsonl")
+
+
+# -- ways to make a bad input in tmp ----------------------------------------------------------
+
+
+def copy_of(which):
+    def make(tmp, w):
+        shutil.copytree(getattr(w, which), tmp / which)
+    return make
+
+
+def truncated_weights(which):
+    """An interrupted download: the safetensors file cut short."""
+    def make(tmp, w):
+        copy_of(which)(tmp, w)
+        f = tmp / which / "model.safetensors"
+        f.write_bytes(f.read_bytes()[:1000])
+    return make
+
+
+def edit_config(which, change):
+    def make(tmp, w):
+        copy_of(which)(tmp, w)
+        f = tmp / which / "config.json"
+        f.write_text(change(f.read_text()))
+    return make
+
+
+def set_in_config(which, key, value):
+    return edit_config(which, lambda t: json.dumps({**json.loads(t), key: value}))
+
+
+def wrong_shapes(tmp, w):
+    """A checkpoint whose config says one width and whose weights have another."""
+    copy_of("ckpt")(tmp, w)
+    cfg = json.loads((w.ckpt / "config.json").read_text())
+    other, _ = tiny_phi3(seed=0, **{**SMALL, "intermediate_size": 256})
+    gpconv.shrink(other, gpconv.GPConvConfig(min_channels_per_group=16, init="project"))
+    gpconv.save_pretrained(other, tmp / "other")
+    shutil.copy(tmp / "other" / "model.safetensors", tmp / "ckpt" / "model.safetensors")
+    shutil.rmtree(tmp / "other")
+    (tmp / "ckpt" / "config.json").write_text(json.dumps(cfg))
+
+
+def file(name, content):
+    def make(tmp, w):
+        p = tmp / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(content if isinstance(content, bytes) else content.encode())
+    return make
+
+
+def mkdir(name):
+    def make(tmp, w):
+        (tmp / name).mkdir(parents=True)
+    return make
+
+
+def both(*makers):
+    def make(tmp, w):
+        for m in makers:
+            m(tmp, w)
+    return make
+
+
+def nothing(tmp, w):
+    pass
+
+
+def onnx_export_without_model(tmp, w):
+    """An export directory whose model.onnx never arrived (the configs and tokenizer did)."""
+    copy_of("dense")(tmp, w)
+    d = tmp / "dense"
+    (d / "model.safetensors").unlink()
+    (d / "gpconv_export.json").write_text(json.dumps({"format": "onnx", "dtype": "float32"}))
+    d.rename(tmp / "onnx")
+
+
+NOT_UTF8 = b"caf\xe9 au lait\n\nna\xefve\n"
+BAD_LINE = '{"text": "ok"}\n{"text": "no closing quote}\n'
+NO_TEXT = '{"title": "a"}\n{"title": "b"}\n'
+RECIPE_BAD_YAML = "model: {name: tiny-phi3\ndata: [\n"
+RECIPE_BAD_KEY = "model: {name: tiny-phi3}\ntrain: {learning_rate: 0.1}\n"
+RECIPE_BAD_TYPE = "model: {name: tiny-phi3}\ntrain: {max_steps: many}\n"
+
+# the pieces of argv: {w.x} is a good input made once, {tmp} the case's own directory, {out} an
+# output path that must not appear
+DATA = ("--data", "{w.data}")
+TRAIN_OUT = ("--out", "{out}", "--max-steps", "1", "--block-size", "16", "--no-progress")
+
+# id, make the bad input, argv, what the message says
+CASES = [
+    # -- models: missing, not a model, truncated, corrupt metadata --------------------------
+    ("shrink-missing-dir", nothing, ["shrink", "{tmp}/nope", "--out", "{out}"], "no such file or directory"),
+    ("shrink-no-config", mkdir("m"), ["shrink", "{tmp}/m", "--out", "{out}"], "without config.json"),
+    ("shrink-config-not-json", edit_config("dense", lambda t: t[:40]), ["shrink", "{tmp}/dense", "--out", "{out}"],
+     "not valid JSON"),
+    ("shrink-truncated-stream", truncated_weights("dense"), ["shrink", "{tmp}/dense", "--out", "{out}", "-m", "16"],
+     "not a valid safetensors file"),
+    ("shrink-truncated-loaded", truncated_weights("dense"),
+     ["shrink", "{tmp}/dense", "--out", "{out}", "-m", "16", "--calibration-data", "{w.data}"], "model.safetensors"),
+    ("shrink-truncated-gguf", file("m.gguf", b"GGUF\x03\x00\x00\x00"), ["shrink", "{tmp}/m.gguf", "--out", "{out}"], "m.gguf"),
+    ("shrink-missing-gguf", nothing, ["shrink", "{tmp}/m.gguf", "--out", "{out}"], "no such GGUF file"),
+    ("shrink-out-is-file", file("o", "x"), ["shrink", "tiny-phi3", "--out", "{tmp}/o"], "exists and is not a directory"),
+    ("shrink-bad-device", nothing, ["shrink", "tiny-phi3", "--out", "{out}", "--device", "tpu9"], "tpu9"),
+    ("shrink-bad-dtype", nothing, ["shrink", "tiny-phi3", "--out", "{out}", "--dtype", "float7"], "unknown dtype"),
+    ("report-no-config", mkdir("m"), ["report", "{tmp}/m"], "without config.json"),
+    ("report-config-not-json", edit_config("dense", lambda t: t[:40]), ["report", "{tmp}/dense"], "not valid JSON"),
+    ("report-plan-not-a-mapping", set_in_config("ckpt", "gpconv", "oops"), ["report", "{tmp}/ckpt"], "gpconv"),
+    ("report-plan-no-modules", set_in_config("ckpt", "gpconv", {"format": 1}), ["report", "{tmp}/ckpt"], "modules"),
+    ("report-markdown-in-missing-dir", nothing, ["report", "tiny-phi3", "--markdown", "{tmp}/no/dir/r.md"], "r.md"),
+    ("densify-missing", nothing, ["densify", "{tmp}/nope", "--out", "{out}"], "no such model directory"),
+    ("densify-dense-model", copy_of("dense"), ["densify", "{tmp}/dense", "--out", "{out}"], "not a gpconv checkpoint"),
+    ("densify-truncated", truncated_weights("ckpt"), ["densify", "{tmp}/ckpt", "--out", "{out}"], "model.safetensors"),
+    ("densify-wrong-shapes", wrong_shapes, ["densify", "{tmp}/ckpt", "--out", "{out}"], "shape"),
+    ("densify-plan-corrupt", set_in_config("ckpt", "gpconv", {"format": 1, "modules": {"model.layers.0.mlp.down_proj": {"groups": 3}}}),
+     ["densify", "{tmp}/ckpt", "--out", "{out}"], "down_proj"),
+    ("densify-out-is-file", both(copy_of("ckpt"), file("o", "x")), ["densify", "{tmp}/ckpt", "--out", "{tmp}/o"],
+     "exists and is not a directory"),
+    ("eval-truncated", truncated_weights("ckpt"), ["eval", "{tmp}/ckpt", *DATA], "model.safetensors"),
+    ("eval-dense-truncated", truncated_weights("dense"), ["eval", "{tmp}/dense", *DATA], "model.safetensors"),
+    ("eval-missing-model", nothing, ["eval", "{tmp}/nope", *DATA], "no such file or directory"),
+    ("eval-bad-dtype", nothing, ["eval", "{w.ckpt}", *DATA, "--dtype", "float7"], "unknown dtype"),
+    ("generate-truncated", truncated_weights("ckpt"), ["generate", "{tmp}/ckpt", "hi"], "model.safetensors"),
+    ("generate-config-not-json", edit_config("ckpt", lambda t: t[:40]), ["generate", "{tmp}/ckpt", "hi"], "not valid JSON"),
+    ("generate-onnx-incomplete", onnx_export_without_model, ["generate", "{tmp}/onnx", "hi"], "model.onnx"),
+    ("generate-bad-dtype", nothing, ["generate", "{w.ckpt}", "hi", "--dtype", "float7"], "unknown dtype"),
+    ("distill-truncated-student", truncated_weights("ckpt"), ["distill", "{tmp}/ckpt", "--teacher", "{w.dense}", *DATA, *TRAIN_OUT],
+     "model.safetensors"),
+    ("distill-truncated-teacher", truncated_weights("dense"), ["distill", "{w.ckpt}", "--teacher", "{tmp}/dense", *DATA, *TRAIN_OUT],
+     "model.safetensors"),
+    ("train-truncated", truncated_weights("ckpt"), ["train", "{tmp}/ckpt", *DATA, *TRAIN_OUT], "model.safetensors"),
+    ("train-config-json-broken", file("c.json", '{"model_type": "phi3",'), ["train", "{tmp}/c.json", "--tokenizer", "byte", *DATA, *TRAIN_OUT],
+     "c.json"),
+    ("bench-truncated", truncated_weights("ckpt"), ["bench", "{tmp}/ckpt"], "model.safetensors"),
+    ("bench-missing", nothing, ["bench", "{tmp}/nope"], "nope"),
+    ("bench-baseline-truncated", truncated_weights("dense"), ["bench", "{w.ckpt}", "--baseline", "{tmp}/dense"], "model.safetensors"),
+    ("export-truncated", truncated_weights("ckpt"), ["export", "{tmp}/ckpt", "--out", "{out}"], "model.safetensors"),
+    ("export-out-is-file", file("o", "x"), ["export", "{w.ckpt}", "--out", "{tmp}/o"], "exists and is not a directory"),
+    ("export-bad-format", nothing, ["export", "{w.ckpt}", "--out", "{out}", "--format", "tflite"], "unknown export format"),
+    # -- data files ---------------------------------------------------------------------------
+    ("eval-data-not-utf8", file("d.txt", NOT_UTF8), ["eval", "{w.ckpt}", "--data", "{tmp}/d.txt"], "UTF-8"),
+    ("eval-data-jsonl-not-utf8", file("d.jsonl", NOT_UTF8), ["eval", "{w.ckpt}", "--data", "{tmp}/d.jsonl"], "UTF-8"),
+    ("eval-data-csv-not-utf8", file("d.csv", b"text\n" + NOT_UTF8), ["eval", "{w.ckpt}", "--data", "{tmp}/d.csv"], "UTF-8"),
+    ("eval-data-empty", file("d.jsonl", ""), ["eval", "{w.ckpt}", "--data", "{tmp}/d.jsonl"], "holds no rows"),
+    ("eval-data-blank-txt", file("d.txt", "\n\n  \n"), ["eval", "{w.ckpt}", "--data", "{tmp}/d.txt"], "holds no rows"),
+    ("eval-data-bad-line", file("d.jsonl", BAD_LINE), ["eval", "{w.ckpt}", "--data", "{tmp}/d.jsonl"], "d.jsonl:2"),
+    ("eval-data-no-text-field", file("d.jsonl", NO_TEXT), ["eval", "{w.ckpt}", "--data", "{tmp}/d.jsonl"], "fit none of the known"),
+    ("eval-data-not-objects", file("d.jsonl", "1\n2\n"), ["eval", "{w.ckpt}", "--data", "{tmp}/d.jsonl"], "d.jsonl:1"),
+    ("eval-data-is-dir", mkdir("d.jsonl"), ["eval", "{w.ckpt}", "--data", "{tmp}/d.jsonl"], "no such data file"),
+    ("eval-data-missing", nothing, ["eval", "{w.ckpt}", "--data", "{tmp}/d.jsonl"], "no such data file"),
+    ("eval-data-bad-parquet", file("d.parquet", b"PAR1garbage"), ["eval", "{w.ckpt}", "--data", "{tmp}/d.parquet"], "d.parquet"),
+    ("train-data-streamed-not-utf8", file("d.jsonl", NOT_UTF8), ["train", "{w.ckpt}", "--data", "{tmp}/d.jsonl", "--streaming",
+                                                                  *TRAIN_OUT], "d.jsonl"),
+    ("train-data-not-utf8", file("d.txt", NOT_UTF8), ["train", "{w.ckpt}", "--data", "{tmp}/d.txt", *TRAIN_OUT], "UTF-8"),
+    ("distill-data-bad-line", file("d.jsonl", BAD_LINE), ["distill", "{w.ckpt}", "--teacher", "{w.dense}", "--data", "{tmp}/d.jsonl",
+                                                         *TRAIN_OUT], "d.jsonl:2"),
+    ("shrink-calib-not-utf8", file("d.txt", NOT_UTF8),
+     ["shrink", "tiny-phi3", "--out", "{out}", "--init", "fit", "--calibration-data", "{tmp}/d.txt"], "UTF-8"),
+    ("shrink-calib-is-dir", mkdir("calib"), ["shrink", "tiny-phi3", "--out", "{out}", "--init", "fit", "--calibration-data", "{tmp}/calib"],
+     "calib"),
+    ("shrink-calib-empty", file("d.jsonl", ""),
+     ["shrink", "tiny-phi3", "--out", "{out}", "--init", "fit", "--calibration-data", "{tmp}/d.jsonl"], "holds no rows"),
+    # -- budgets and runs ---------------------------------------------------------------------
+    ("shrink-target-unreachable-before-calibration", nothing,
+     ["shrink", "tiny-phi3", "--out", "{out}", "--init", "fit", "--calibration-data", "{w.data}", "--target-params", "0.05",
+      "-m", "64"], "--target-params"),
+    ("train-resume-nothing", nothing, ["train", "{w.ckpt}", *DATA, *TRAIN_OUT, "--resume"], "nothing to resume"),
+    ("distill-resume-empty-dir", mkdir("run"),
+     ["distill", "{w.ckpt}", "--teacher", "{w.dense}", *DATA, "--out", "{tmp}/run", "--max-steps", "1", "--resume"], "nothing to resume"),
+    ("train-out-is-file", file("o", "x"), ["train", "{w.ckpt}", *DATA, "--out", "{tmp}/o", "--max-steps", "1"],
+     "exists and is not a directory"),
+    # -- recipes ------------------------------------------------------------------------------
+    ("run-missing-recipe", nothing, ["run", "{tmp}/r.yaml"], "r.yaml"),
+    ("run-yaml-broken", file("r.yaml", RECIPE_BAD_YAML), ["run", "{tmp}/r.yaml", "--out", "{out}"], "not valid YAML"),
+    ("run-yaml-not-utf8", file("r.yaml", b"name: caf\xe9\n"), ["run", "{tmp}/r.yaml", "--out", "{out}"], "UTF-8"),
+    ("run-unknown-key", file("r.yaml", RECIPE_BAD_KEY), ["run", "{tmp}/r.yaml", "--out", "{out}"], "learning_rate"),
+    ("run-wrong-type", file("r.yaml", RECIPE_BAD_TYPE), ["run", "{tmp}/r.yaml", "--out", "{out}"], "max_steps"),
+    ("run-data-not-utf8", file("d.txt", NOT_UTF8), ["run", "tiny-demo", "--set", "data.source={tmp}/d.txt", "--out", "{out}"], "UTF-8"),
+    ("run-resume-nothing", nothing, ["run", "tiny-demo", "--set", "data.source={w.data}", "--out", "{out}", "--resume"],
+     "nothing to resume"),
+]
+
+# commands that read a model or a data file: each must appear in the table
+READERS = {"shrink", "report", "densify", "eval", "generate", "distill", "train", "bench", "export", "run"}
+
+
+def _tree(root: Path) -> set[str]:
+    return {str(p.relative_to(root)) for p in root.rglob("*")}
+
+
+def test_table_covers_every_reading_command():
+    assert {argv[0] for _, _, argv, _ in CASES} == READERS
+    assert len({c[0] for c in CASES}) == len(CASES)
+
+
+@pytest.mark.parametrize("make, argv, message", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
+def test_bad_input_is_one_line_exit_2_nothing_written(world, tmp_path, monkeypatch, make, argv, message):
+    monkeypatch.chdir(tmp_path)  # a command that wrote relative to the working directory would show too
+    make(tmp_path, world)
+    before = _tree(tmp_path)
+    args = [a.format(w=world, tmp=tmp_path, out=tmp_path / "out") for a in argv]
+    r = CliRunner().invoke(app, args)
+    err = r.stderr.strip()
+    assert "Traceback" not in r.output and r.exception is None or isinstance(r.exception, SystemExit), (r.exception, r.output)
+    assert r.exit_code == 2, r.output
+    assert len(err.splitlines()) == 1 and err.startswith("gpconv: error:"), err
+    assert message.format(tmp=tmp_path) in err, err
+    assert _tree(tmp_path) == before
