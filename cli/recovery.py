@@ -67,12 +67,12 @@ def _rows(data: str, data_cfg, cfg=None):
     return rows
 
 
-def _datasets(tok, rows, data_cfg, seed: int):
+def _datasets(tok, rows, data_cfg, seed: int, fix: str = "save one beside the model (tokenizer.json)"):
     import gpconv
     from gpconv.errors import GPConvError
 
     if tok is None:
-        raise GPConvError("the model directory has no tokenizer; pass --tokenizer")
+        raise GPConvError(f"the model has no tokenizer; {fix}")
     return gpconv.build_datasets(rows, tok, data_cfg, seed=seed)
 
 
@@ -85,7 +85,7 @@ def _load(spec: str, dtype: str):
     path = Path(spec).expanduser()
     if path.suffix == ".json" and path.is_file():
         import torch
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
 
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
@@ -93,9 +93,11 @@ def _load(spec: str, dtype: str):
             raise GPConvError(f"{spec} is not valid JSON ({e})") from None
         if not isinstance(raw, dict) or "model_type" not in raw:
             raise GPConvError(f"{spec} has no model_type; not a transformers config")
+        if raw["model_type"] not in CONFIG_MAPPING:
+            raise GPConvError(f"{spec}: unknown model_type {raw['model_type']!r} (not an architecture this transformers knows)")
         try:
             cfg = AutoConfig.for_model(raw.pop("model_type"), **raw)
-        except (ValueError, TypeError) as e:  # an unknown model_type, a field of the wrong type
+        except (ValueError, TypeError) as e:  # a field of the wrong type
             raise GPConvError(f"{spec} is not a usable transformers config ({str(e).strip().splitlines()[0]})") from None
         return AutoModelForCausalLM.from_config(cfg, dtype=parse_dtype(dtype) or torch.float32), None
     return gpconv.load_model(spec, dtype=dtype)
@@ -153,7 +155,7 @@ def distill(
     if cache is not None and train is not None and cache.covers(train):
         typer.echo(f"teacher cache {teacher_cache} holds all {len(train):,} training blocks: the teacher is not loaded")
     else:
-        t_model, t_tok = gpconv.load_model(teacher, dtype=dtype)
+        t_model, t_tok = gpconv.load_model(teacher, dtype=dtype, need_weights=True)
         if train is None:  # the student has no tokenizer: the teacher's
             train, val = _datasets(t_tok, rows, data_cfg, cfg.seed)
         if cache is not None:
@@ -230,7 +232,7 @@ def train(
     m, tok = _load(model, dtype)
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer, required=True)
-    train_blocks, val = _datasets(tok, rows, data_cfg, cfg.seed)
+    train_blocks, val = _datasets(tok, rows, data_cfg, cfg.seed, fix="pass --tokenizer")
     res = gpconv.train(m, train_blocks, cfg, val_data=val, tokenizer=tok)
     _summary(res)
 
@@ -267,11 +269,11 @@ def eval_(
     if split == "all":
         data_cfg = dataclasses.replace(data_cfg, val_size=0)
     rows = _rows(data, data_cfg)
-    m, tok = gpconv.load_model(model, dtype=dtype)
+    m, tok = gpconv.load_model(model, dtype=dtype, need_weights=True)
     models = {"student" if teacher else "model": m}
     t_tok = None
     if teacher:
-        t_model, t_tok = gpconv.load_model(teacher, dtype=dtype)
+        t_model, t_tok = gpconv.load_model(teacher, dtype=dtype, need_weights=True)
         check_vocab(m, t_model, tok, t_tok)
         models["teacher"] = t_model
     tok = tok or t_tok
@@ -323,7 +325,7 @@ def generate(
     if is_onnx_export(model):  # an ONNX export: ONNX Runtime with its KV cache
         typer.echo(_onnx_reply(model, prompt, GENERATE.values(opts)))
         return
-    m, tok = gpconv.load_model(model, dtype=dtype)
+    m, tok = gpconv.load_model(model, dtype=dtype, need_weights=True)
     typer.echo(reply(m, tok, prompt, **GENERATE.values(opts)))
 
 

@@ -45,6 +45,7 @@ def shrink(
 ):
     """Replace a model's dense layers by grouped pointwise blocks and save it."""
     import gpconv
+    from gpconv.data import check_local_source
     from gpconv.errors import GPConvError
     from gpconv.fsutil import check_output_dir
     from gpconv.surgery import calibration_from_source, check_refine
@@ -66,6 +67,8 @@ def shrink(
     check_output_dir(out, overwrite)
     if cfg.init == "fit" and calibration.source is None:
         raise GPConvError("--init fit needs --calibration-data (e.g. an instruction .json/.jsonl file)")
+    if calibration.source is not None:
+        check_local_source(calibration.source)  # a bad file fails before the model loads (minutes for a large one)
     dev = _device(device)
     if calibration.source is not None or dev.type != "cpu":  # data-aware, or on a GPU: the model is loaded
         m, tok = gpconv.load_model(model, dtype=dtype)

@@ -8,6 +8,7 @@ the wrong bytes, ...), runs the CLI in-process and compares the directory tree b
 
 import json
 import shutil
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -103,6 +104,23 @@ def nothing(tmp, w):
     pass
 
 
+def without(which, *patterns):
+    """A copy of a checkpoint with some of its files gone (the tokenizer, the weights...)."""
+    def make(tmp, w):
+        copy_of(which)(tmp, w)
+        for pat in patterns:
+            for f in (tmp / which).glob(pat):
+                f.unlink()
+    return make
+
+
+def index_to_missing_shard(tmp, w):
+    """A sharded checkpoint whose index names a shard that never arrived."""
+    without("dense", "model.safetensors")(tmp, w)
+    (tmp / "dense" / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": {"lm_head.weight": "model-00002-of-00002.safetensors"}}))
+
+
 def onnx_export_without_model(tmp, w):
     """An export directory whose model.onnx never arrived (the configs and tokenizer did)."""
     copy_of("dense")(tmp, w)
@@ -168,6 +186,24 @@ CASES = [
     ("train-truncated", truncated_weights("ckpt"), ["train", "{tmp}/ckpt", *DATA, *TRAIN_OUT], "model.safetensors"),
     ("train-config-json-broken", file("c.json", '{"model_type": "phi3",'), ["train", "{tmp}/c.json", "--tokenizer", "byte", *DATA, *TRAIN_OUT],
      "c.json"),
+    ("shrink-calib-no-tokenizer", without("dense", "tokenizer*", "special_tokens_map.json", "chat_template.jinja"),
+     ["shrink", "{tmp}/dense", "--out", "{out}", "-m", "16", "--calibration-data", "{w.data}"], "tokenizer"),
+    ("report-truncated-gguf", file("m.gguf", b"GGUF\x03\x00\x00\x00"), ["report", "{tmp}/m.gguf"], "not a valid GGUF file"),
+    ("report-plan-file-only", file("m/gpconv.json", "{"), ["report", "{tmp}/m"], "config.json"),
+    ("eval-index-missing-shard", index_to_missing_shard, ["eval", "{tmp}/dense", *DATA], "model-00002-of-00002.safetensors"),
+    ("eval-no-weights", without("dense", "*.safetensors"), ["eval", "{tmp}/dense", *DATA], "no weights"),
+    ("eval-no-tokenizer", without("ckpt", "tokenizer*"), ["eval", "{tmp}/ckpt", *DATA], "no tokenizer"),
+    ("eval-teacher-missing", nothing, ["eval", "{w.ckpt}", "--teacher", "{tmp}/nope", *DATA], "nope"),
+    ("generate-no-weights", without("dense", "*.safetensors"), ["generate", "{tmp}/dense", "hi"], "no weights"),
+    ("generate-no-tokenizer", without("ckpt", "tokenizer*"), ["generate", "{tmp}/ckpt", "hi"], "tokenizer"),
+    ("distill-teacher-no-weights", without("dense", "*.safetensors"),
+     ["distill", "{w.ckpt}", "--teacher", "{tmp}/dense", *DATA, *TRAIN_OUT], "no weights"),
+    ("distill-teacher-cache-corrupt", both(file("tc/teacher_cache.json", "{"), file("tc/teacher_cache.safetensors", b"\x08\x00")),
+     ["distill", "{w.ckpt}", "--teacher", "{w.dense}", *DATA, *TRAIN_OUT, "--teacher-cache", "{tmp}/tc"], "teacher cache"),
+    ("train-tokenizer-missing", nothing, ["train", "{w.ckpt}", *DATA, *TRAIN_OUT, "--tokenizer", "{tmp}/nope"], "nope"),
+    ("train-config-unknown-type", file("c.json", '{"model_type": "no-such-arch"}'),
+     ["train", "{tmp}/c.json", "--tokenizer", "byte", *DATA, *TRAIN_OUT], "c.json"),
+    ("bench-bad-device", nothing, ["bench", "{w.ckpt}", "--device", "tpu9"], "tpu9"),
     ("bench-truncated", truncated_weights("ckpt"), ["bench", "{tmp}/ckpt"], "model.safetensors"),
     ("bench-missing", nothing, ["bench", "{tmp}/nope"], "nope"),
     ("bench-baseline-truncated", truncated_weights("dense"), ["bench", "{w.ckpt}", "--baseline", "{tmp}/dense"], "model.safetensors"),
@@ -183,7 +219,9 @@ CASES = [
     ("eval-data-bad-line", file("d.jsonl", BAD_LINE), ["eval", "{w.ckpt}", "--data", "{tmp}/d.jsonl"], "d.jsonl:2"),
     ("eval-data-no-text-field", file("d.jsonl", NO_TEXT), ["eval", "{w.ckpt}", "--data", "{tmp}/d.jsonl"], "fit none of the known"),
     ("eval-data-not-objects", file("d.jsonl", "1\n2\n"), ["eval", "{w.ckpt}", "--data", "{tmp}/d.jsonl"], "d.jsonl:1"),
-    ("eval-data-is-dir", mkdir("d.jsonl"), ["eval", "{w.ckpt}", "--data", "{tmp}/d.jsonl"], "no such data file"),
+    ("eval-data-is-dir", mkdir("d.jsonl"), ["eval", "{w.ckpt}", "--data", "{tmp}/d.jsonl"], "is a directory"),
+    ("eval-data-json-not-rows", file("d.json", '"just a string"'), ["eval", "{w.ckpt}", "--data", "{tmp}/d.json"],
+     "expected a list of JSON objects"),
     ("eval-data-missing", nothing, ["eval", "{w.ckpt}", "--data", "{tmp}/d.jsonl"], "no such data file"),
     ("eval-data-bad-parquet", file("d.parquet", b"PAR1garbage"), ["eval", "{w.ckpt}", "--data", "{tmp}/d.parquet"], "d.parquet"),
     ("train-data-streamed-not-utf8", file("d.jsonl", NOT_UTF8), ["train", "{w.ckpt}", "--data", "{tmp}/d.jsonl", "--streaming",
@@ -194,7 +232,7 @@ CASES = [
     ("shrink-calib-not-utf8", file("d.txt", NOT_UTF8),
      ["shrink", "tiny-phi3", "--out", "{out}", "--init", "fit", "--calibration-data", "{tmp}/d.txt"], "UTF-8"),
     ("shrink-calib-is-dir", mkdir("calib"), ["shrink", "tiny-phi3", "--out", "{out}", "--init", "fit", "--calibration-data", "{tmp}/calib"],
-     "calib"),
+     "is a directory"),
     ("shrink-calib-empty", file("d.jsonl", ""),
      ["shrink", "tiny-phi3", "--out", "{out}", "--init", "fit", "--calibration-data", "{tmp}/d.jsonl"], "holds no rows"),
     # -- budgets and runs ---------------------------------------------------------------------
@@ -204,6 +242,10 @@ CASES = [
     ("train-resume-nothing", nothing, ["train", "{w.ckpt}", *DATA, *TRAIN_OUT, "--resume"], "nothing to resume"),
     ("distill-resume-empty-dir", mkdir("run"),
      ["distill", "{w.ckpt}", "--teacher", "{w.dense}", *DATA, "--out", "{tmp}/run", "--max-steps", "1", "--resume"], "nothing to resume"),
+    ("train-resume-no-checkpoint", both(file("run/train_config.json", "{}"), mkdir("run/checkpoints/.step-000004.tmp-x")),
+     ["train", "{w.ckpt}", *DATA, "--out", "{tmp}/run", "--max-steps", "1", "--resume"], "saved no complete checkpoint"),
+    ("train-resume-not-a-run", file("run/notes.txt", "x"),
+     ["train", "{w.ckpt}", *DATA, "--out", "{tmp}/run", "--max-steps", "1", "--resume"], "not a gpconv training run"),
     ("train-out-is-file", file("o", "x"), ["train", "{w.ckpt}", *DATA, "--out", "{tmp}/o", "--max-steps", "1"],
      "exists and is not a directory"),
     # -- recipes ------------------------------------------------------------------------------
@@ -212,6 +254,7 @@ CASES = [
     ("run-yaml-not-utf8", file("r.yaml", b"name: caf\xe9\n"), ["run", "{tmp}/r.yaml", "--out", "{out}"], "UTF-8"),
     ("run-unknown-key", file("r.yaml", RECIPE_BAD_KEY), ["run", "{tmp}/r.yaml", "--out", "{out}"], "learning_rate"),
     ("run-wrong-type", file("r.yaml", RECIPE_BAD_TYPE), ["run", "{tmp}/r.yaml", "--out", "{out}"], "max_steps"),
+    ("run-bad-set", nothing, ["run", "tiny-demo", "--set", "train.lr"], "train.lr"),
     ("run-data-not-utf8", file("d.txt", NOT_UTF8), ["run", "tiny-demo", "--set", "data.source={tmp}/d.txt", "--out", "{out}"], "UTF-8"),
     ("run-resume-nothing", nothing, ["run", "tiny-demo", "--set", "data.source={w.data}", "--out", "{out}", "--resume"],
      "nothing to resume"),
@@ -243,3 +286,21 @@ def test_bad_input_is_one_line_exit_2_nothing_written(world, tmp_path, monkeypat
     assert len(err.splitlines()) == 1 and err.startswith("gpconv: error:"), err
     assert message.format(tmp=tmp_path) in err, err
     assert _tree(tmp_path) == before
+
+
+def test_unreachable_target_is_refused_before_calibration(world, tmp_path, monkeypatch):
+    """The plan's shapes decide reachability: no calibration pass runs first (minutes on a real model)."""
+    shrink_mod = sys.modules["gpconv.surgery.shrink"]  # the module; gpconv.surgery.shrink is the function
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibration ran before the target was checked")
+
+    monkeypatch.setattr(shrink_mod, "collect_stats", no_calibration)
+    r = CliRunner().invoke(app, ["shrink", "tiny-phi3", "--out", str(tmp_path / "out"), "--init", "fit", "-m", "64",
+                                 "--calibration-data", str(world.data), "--target-params", "0.05"])
+    assert r.exit_code == 2 and "--target-params 0.05 is out of reach" in r.stderr, (r.exception, r.output)
+    assert not (tmp_path / "out").exists()
+    # a reachable target does reach the calibration
+    r = CliRunner().invoke(app, ["shrink", "tiny-phi3", "--out", str(tmp_path / "out"), "--init", "fit", "-m", "64",
+                                 "--calibration-data", str(world.data), "--target-params", "0.9"])
+    assert isinstance(r.exception, AssertionError) and "calibration ran" in str(r.exception)

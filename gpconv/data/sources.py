@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -198,6 +199,8 @@ def load_rows(source: str, *, split: str | None = None, streaming: bool | None =
     """
     path = Path(source).expanduser()
     if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
+        if path.is_dir():
+            raise GPConvError(f"{source} is a directory; give a data file ({', '.join(LOCAL_SUFFIXES)})")
         if not path.is_file():
             raise GPConvError(f"no such data file: {source}")
         if path.suffix.lower() not in LOCAL_SUFFIXES:
@@ -205,10 +208,15 @@ def load_rows(source: str, *, split: str | None = None, streaming: bool | None =
         if streaming:
             ds = _stream_local(path)
             rows = ds.take(max_samples) if max_samples else ds
+            log = logging.getLogger("datasets")  # it logs a parse failure before raising it: the one line is ours
+            level = log.level
+            log.setLevel(logging.CRITICAL)
             try:
                 columns = _columns(ds)  # reads the first rows: a file datasets cannot parse fails here
             except Exception as e:  # datasets wraps the parser's error (JSON, UTF-8, CSV, arrow) in its own types
                 raise GPConvError(f"cannot read {source}: {first_line(e)}") from None
+            finally:
+                log.setLevel(level)
             return Rows(rows, detect_schema(columns, str(path)), str(path))
         rows = _read_local(path)
         if not rows:
@@ -227,3 +235,11 @@ def load_rows(source: str, *, split: str | None = None, streaming: bool | None =
     if max_samples:
         ds = ds.select(range(min(max_samples, len(ds))))
     return Rows(ds.to_list(), detect_schema(ds.column_names, hub_path), hub_path)
+
+
+def check_local_source(source: str) -> None:
+    """Read a local data file as :func:`load_rows` would, so that a bad one fails before a model
+    loads (calibration reads its data only after). Hub ids and aliases are left to load time."""
+    path = Path(source).expanduser()
+    if path.suffix.lower() in LOCAL_SUFFIXES or path.exists():
+        load_rows(source)

@@ -214,10 +214,12 @@ def _check_local(spec: str) -> None:
         raise GPConvError(f"no such file or directory: {spec}")
 
 
-def load_model(spec: str, dtype=None, meta: bool = False):
+def load_model(spec: str, dtype=None, meta: bool = False, need_weights: bool = False):
     """``(model, tokenizer)`` for a model spec (see module docs). ``tokenizer`` may be None.
 
     ``meta=True`` builds from the config only, on the meta device (no weights read).
+    ``need_weights=True`` refuses a directory holding a config but no weights (which otherwise
+    loads randomly initialised, the from-scratch setting): for evaluation and generation.
     """
     td = parse_dtype(dtype)
     if meta:
@@ -242,6 +244,9 @@ def load_model(spec: str, dtype=None, meta: bool = False):
         if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
             weight_files(path)  # every shard there and whole, before transformers reads them
         if not has_weights(path):
+            if need_weights:
+                raise GPConvError(f"{spec} holds config.json but no weights (*.safetensors); an interrupted download? "
+                                  "(a config-only directory is for training from scratch)")
             # only a config: the paper's from-scratch setting (random init)
             with quiet():
                 model = AutoModelForCausalLM.from_config(load_config(str(path)), dtype=td or torch.float32)
