@@ -34,7 +34,10 @@ def world(tmp_path_factory):
     gpconv.shrink(shrunk, gpconv.GPConvConfig(min_channels_per_group=16, init="project"))
     gpconv.save_pretrained(shrunk, root / "ckpt", tok)
     (root / "data.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
-    return SimpleNamespace(root=root, dense=root / "dense", ckpt=root / "ckpt", data=root / "data.jsonl")
+    r = CliRunner().invoke(app, ["train", str(root / "ckpt"), "--data", str(root / "data.jsonl"), "--out", str(root / "run"),
+                                 "--max-steps", "2", "--save-every", "1", "--block-size", "16", "--no-progress"])
+    assert r.exit_code == 0 and (root / "run" / "checkpoints" / "step-000001").is_dir(), r.output
+    return SimpleNamespace(root=root, dense=root / "dense", ckpt=root / "ckpt", data=root / "data.jsonl", run=root / "run")
 
 
 # -- ways to make a bad input in tmp ----------------------------------------------------------
@@ -65,6 +68,14 @@ def edit_config(which, change):
 
 def set_in_config(which, key, value):
     return edit_config(which, lambda t: json.dumps({**json.loads(t), key: value}))
+
+
+def file_in_copy(which, name, content):
+    """A copy of a checkpoint with one of its files replaced (a truncated tokenizer, say)."""
+    def make(tmp, w):
+        copy_of(which)(tmp, w)
+        (tmp / which / name).write_text(content)
+    return make
 
 
 def wrong_shapes(tmp, w):
@@ -178,6 +189,9 @@ CASES = [
     ("generate-truncated", truncated_weights("ckpt"), ["generate", "{tmp}/ckpt", "hi"], "model.safetensors"),
     ("generate-config-not-json", edit_config("ckpt", lambda t: t[:40]), ["generate", "{tmp}/ckpt", "hi"], "not valid JSON"),
     ("generate-onnx-incomplete", onnx_export_without_model, ["generate", "{tmp}/onnx", "hi"], "model.onnx"),
+    ("generate-tokenizer-corrupt", file_in_copy("ckpt", "tokenizer.json", "{"), ["generate", "{tmp}/ckpt", "hi"], "tokenizer"),
+    ("generate-generation-config-corrupt", file_in_copy("ckpt", "generation_config.json", "{"), ["generate", "{tmp}/ckpt", "hi"],
+     "generation_config.json"),
     ("generate-bad-dtype", nothing, ["generate", "{w.ckpt}", "hi", "--dtype", "float7"], "unknown dtype"),
     ("distill-truncated-student", truncated_weights("ckpt"), ["distill", "{tmp}/ckpt", "--teacher", "{w.dense}", *DATA, *TRAIN_OUT],
      "model.safetensors"),
@@ -246,6 +260,9 @@ CASES = [
      ["train", "{w.ckpt}", *DATA, "--out", "{tmp}/run", "--max-steps", "1", "--resume"], "saved no complete checkpoint"),
     ("train-resume-not-a-run", file("run/notes.txt", "x"),
      ["train", "{w.ckpt}", *DATA, "--out", "{tmp}/run", "--max-steps", "1", "--resume"], "not a gpconv training run"),
+    ("train-resume-checkpoint-truncated", file_in_copy("run", "checkpoints/step-000001/trainable.safetensors", "\x08\x00"),
+     ["train", "{w.ckpt}", *DATA, "--out", "{tmp}/run", "--max-steps", "2", "--save-every", "1", "--block-size", "16",
+      "--no-progress", "--resume"], "cannot read the checkpoint"),
     ("train-out-is-file", file("o", "x"), ["train", "{w.ckpt}", *DATA, "--out", "{tmp}/o", "--max-steps", "1"],
      "exists and is not a directory"),
     # -- recipes ------------------------------------------------------------------------------

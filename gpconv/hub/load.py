@@ -153,7 +153,10 @@ def from_pretrained(path: str | os.PathLike, dtype=None, device=None) -> nn.Modu
     td = parse_dtype(dtype)
     load_state_(model, weight_files(path), td)
     if (path / "generation_config.json").is_file():
-        model.generation_config = GenerationConfig.from_pretrained(path)
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(path)
+        except (OSError, ValueError) as e:  # transformers' word for a file that is not JSON
+            raise GPConvError(f"cannot read {path / 'generation_config.json'}: {first_line(e)}") from None
     model.config._name_or_path = str(path)
     if device is not None:
         model.to(device)

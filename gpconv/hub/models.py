@@ -164,6 +164,7 @@ def check_gguf(path: Path) -> None:
                           "an interrupted download? download it again") from None
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 BYTE_TOKENIZER = "byte"  # a tokenizer spec: gpconv's byte-level tokenizer (what tiny-phi3 uses)
 
 
@@ -179,7 +180,10 @@ def load_tokenizer(spec, required: bool = False):
     try:
         with quiet():
             return AutoTokenizer.from_pretrained(spec)
-    except Exception:  # any failure means "no tokenizer here"; the caller decides if that is an error
+    except Exception as e:  # any failure means "no tokenizer here"; the caller decides if that is an error
+        if any((Path(spec).expanduser() / f).is_file() for f in TOKENIZER_FILES):
+            # ... unless the directory holds one: then the file is damaged, not absent
+            raise GPConvError(f"cannot read the tokenizer in {spec}: {first_line(e)}; save it again") from None
         if required:
             raise GPConvError(f"cannot load a tokenizer from {spec!r}") from None
         return None

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..errors import GPConvError
 from ..fsutil import atomic_dir
+from ..hfutil import first_line
 
 CHECKPOINTS = "checkpoints"
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -120,7 +121,15 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, optimizer,
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, rank: int) -> dict:
     """Restore a checkpoint into ``model`` / ``optimizer`` / ``scheduler`` and this process's RNG."""
-    weights = load_file(str(path / "trainable.safetensors"))
+    try:  # every file read before anything changes: a damaged one leaves the run as it was
+        weights = load_file(str(path / "trainable.safetensors"))
+        opt_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
+        sched_state = json.loads((path / "scheduler.json").read_text())
+        rng = load_file(str(path / "rng.safetensors"))
+        state = json.loads((path / "state.json").read_text())
+    except Exception as e:  # SafetensorError, UnpicklingError, JSONDecodeError, OSError: a damaged or missing file
+        raise GPConvError(f"cannot read the checkpoint {path} ({first_line(e)}); delete that directory to resume "
+                          "from the one before") from None
     params = dict(model.named_parameters())
     trainable = {n for n, p in params.items() if p.requires_grad}
     if set(weights) != trainable:
@@ -134,10 +143,9 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, rank: in
             if params[n].shape != t.shape:
                 raise GPConvError(f"{path}: {n!r} has shape {tuple(t.shape)}, the model {tuple(params[n].shape)}")
             params[n].copy_(t)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-    scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
-    rng = load_file(str(path / "rng.safetensors"))
+    optimizer.load_state_dict(opt_state)
+    scheduler.load_state_dict(sched_state)
     mine = {k.split(".", 1)[1]: v for k, v in rng.items() if k.startswith(f"rank{rank}.")}
     if mine:  # a different number of processes than before: the new ranks keep their seeds
         set_rng_state(mine)
-    return json.loads((path / "state.json").read_text())
+    return state
