@@ -80,12 +80,12 @@ def _load(spec: str, dtype: str):
     """``(model, tokenizer)``; a ``config.json`` file builds a randomly initialised model (from scratch)."""
     import gpconv
     from gpconv.errors import GPConvError
-    from gpconv.hfutil import parse_dtype
+    from gpconv.hfutil import config_for, parse_dtype
 
     path = Path(spec).expanduser()
     if path.suffix == ".json" and path.is_file():
         import torch
-        from transformers import CONFIG_MAPPING, AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
@@ -93,12 +93,7 @@ def _load(spec: str, dtype: str):
             raise GPConvError(f"{spec} is not valid JSON ({e})") from None
         if not isinstance(raw, dict) or "model_type" not in raw:
             raise GPConvError(f"{spec} has no model_type; not a transformers config")
-        if raw["model_type"] not in CONFIG_MAPPING:
-            raise GPConvError(f"{spec}: unknown model_type {raw['model_type']!r} (not an architecture this transformers knows)")
-        try:
-            cfg = AutoConfig.for_model(raw.pop("model_type"), **raw)
-        except (ValueError, TypeError) as e:  # a field of the wrong type
-            raise GPConvError(f"{spec} is not a usable transformers config ({str(e).strip().splitlines()[0]})") from None
+        cfg = config_for(raw.pop("model_type"), raw, spec)
         return AutoModelForCausalLM.from_config(cfg, dtype=parse_dtype(dtype) or torch.float32), None
     return gpconv.load_model(spec, dtype=dtype)
 

@@ -8,11 +8,18 @@ import logging
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import CONFIG_MAPPING, AutoConfig, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
 from .errors import GPConvError
+
+try:  # transformers 5 configs are strict dataclasses: a wrong field type raises this (not a ValueError)
+    from huggingface_hub.errors import StrictDataclassError
+except ImportError:  # an older huggingface_hub: configs are plain classes there
+    StrictDataclassError = ValueError
+CONFIG_ERRORS = (ValueError, TypeError, KeyError, StrictDataclassError)
+"""What building or changing a transformers config raises for a bad field value."""
 
 DTYPES = {
     "float32": torch.float32, "fp32": torch.float32,
@@ -117,3 +124,21 @@ def vocab_size(model: nn.Module) -> int | None:
     head = output_embedding(unwrap(model))
     w = getattr(head, "weight", None)
     return None if w is None else w.shape[0]
+
+
+def config_for(model_type, fields: dict, where: str):
+    """``AutoConfig.for_model(model_type, **fields)``, or one line naming ``where`` (the file or
+    recipe key) and the field at fault. An unknown model_type is named without transformers'
+    list of every architecture."""
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        raise GPConvError(f"{where}: unknown model_type {model_type!r} (not an architecture this transformers knows)")
+    try:
+        return AutoConfig.for_model(model_type, **fields)
+    except CONFIG_ERRORS as e:
+        raise GPConvError(f"{where}: cannot build a {model_type!r} config ({one_line(e)})") from None
+
+
+def one_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's whole message on one line (a validation error's cause is on its second), cut at ``limit``."""
+    s = " ".join(str(e).split()) or type(e).__name__
+    return s if len(s) <= limit else s[: limit - 3] + "..."

@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
 from ..errors import GPConvError
-from ..hfutil import first_line, parse_dtype, quiet
+from ..hfutil import CONFIG_ERRORS, first_line, one_line, parse_dtype, quiet
 from ..surgery import apply_plan
 from .save import PLAN_FILE
 
@@ -105,8 +105,11 @@ def load_meta(path: str | os.PathLike) -> nn.Module:
     raw = read_config(path)
     if "gpconv" not in raw:
         raise GPConvError(f"{path} is not a gpconv checkpoint (config.json has no 'gpconv' section)")
-    with quiet():
-        config = AutoConfig.from_pretrained(path)
+    try:
+        with quiet():
+            config = AutoConfig.from_pretrained(path)
+    except (OSError, *CONFIG_ERRORS) as e:  # a field of the wrong type, an unknown model_type
+        raise GPConvError(f"{path / 'config.json'}: {one_line(e)}") from None
     model = build_meta(config)
     try:
         apply_plan(model, raw["gpconv"])

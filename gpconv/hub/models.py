@@ -26,7 +26,7 @@ from tokenizers import models as tokenizer_models
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, Phi3Config, PreTrainedTokenizerFast
 
 from ..errors import GPConvError
-from ..hfutil import first_line, parse_dtype, quiet
+from ..hfutil import CONFIG_ERRORS, first_line, one_line, parse_dtype, quiet
 from .load import build_meta, from_pretrained, has_weights, is_gpconv_dir, load_meta, read_config, weight_files
 
 DEMO_MODELS = {
@@ -203,8 +203,8 @@ def load_config(spec: str):
     try:
         with quiet():
             return AutoConfig.from_pretrained(spec)
-    except (OSError, ValueError) as e:
-        raise GPConvError(f"cannot load a config for {spec!r}: {first_line(e)}") from None
+    except (OSError, *CONFIG_ERRORS) as e:
+        raise GPConvError(f"cannot load a config for {spec!r}: {one_line(e)}") from None
 
 
 def _gguf_config(path: Path):
@@ -258,9 +258,11 @@ def load_model(spec: str, dtype=None, meta: bool = False, need_weights: bool = F
     try:
         with quiet():
             model = AutoModelForCausalLM.from_pretrained(str(path) if path.is_dir() else spec, dtype=td or "auto")
-    except (OSError, ValueError) as e:
+    except (OSError, *CONFIG_ERRORS) as e:
+        if path.is_dir():  # a local checkpoint transformers cannot read: say why, not where else it looked
+            raise GPConvError(f"cannot load model {spec!r}: {one_line(e)}") from None
         raise GPConvError(
             f"cannot load model {spec!r}: not a built-in name ({', '.join(DEMO_MODELS)}), a local model "
-            f"directory or .gguf file, or a reachable hub id ({first_line(e)})"
+            f"directory or .gguf file, or a reachable hub id ({one_line(e)})"
         ) from None
     return model.eval(), load_tokenizer(str(path) if path.is_dir() else spec)

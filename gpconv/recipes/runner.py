@@ -21,12 +21,12 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 from ..data import DataConfig, Rows, TokenBlocks, build_datasets, load_rows
 from ..errors import GPConvError
 from ..fsutil import write_text_atomic
-from ..hfutil import output_embedding, parse_dtype, quiet
+from ..hfutil import CONFIG_ERRORS, config_for, first_line, output_embedding, parse_dtype, quiet
 from ..hub import build_meta, load_config, load_model, load_tokenizer, save_pretrained
 from ..recovery import TrainConfig, check_run_dir, compare, distill, generate, train
 from ..recovery.trainable import mixed_precision
@@ -45,13 +45,12 @@ def model_config(section: Mapping):
         cfg = load_config(str(base))
         values.pop("model_type", None)
         for k, v in values.items():
-            setattr(cfg, k, v)
+            try:
+                setattr(cfg, k, v)
+            except CONFIG_ERRORS as e:
+                raise GPConvError(f"recipe model.config.{k}: {first_line(e)}") from None
         return cfg
-    model_type = values.pop("model_type")
-    try:
-        return AutoConfig.for_model(model_type, **values)
-    except (ValueError, TypeError, KeyError) as e:
-        raise GPConvError(f"recipe model.config: cannot build a {model_type!r} config ({e})") from None
+    return config_for(values.pop("model_type"), values, "recipe model.config")
 
 
 def build_model(recipe: Mapping, meta: bool = False):
@@ -65,7 +64,7 @@ def build_model(recipe: Mapping, meta: bool = False):
         try:
             with quiet():
                 model = AutoModelForCausalLM.from_config(cfg, dtype=parse_dtype(m["dtype"]) or torch.float32)
-        except (AssertionError, ValueError, TypeError, KeyError) as e:  # e.g. a pad id outside the vocabulary
+        except (AssertionError, *CONFIG_ERRORS) as e:  # e.g. a pad id outside the vocabulary
             raise GPConvError(f"recipe model.config: cannot build the model ({str(e).strip() or type(e).__name__})") from None
         model.config._name_or_path = recipe["name"]
         tok = load_tokenizer(m["tokenizer"], required=True)
