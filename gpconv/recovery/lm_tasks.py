@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, NamedTuple, Sequence
 
 import yaml
 from torch import nn
@@ -45,13 +45,23 @@ def _yaml_task_name(path: Path) -> str | None:
     return name if isinstance(name, str) else None
 
 
-def resolve_tasks(tasks: str | Sequence[str]) -> tuple[list[str], list[str]]:
-    """``(task names, include paths)`` for ``--tasks`` items: a comma-separated string or a list of
-    task names, task YAML files and directories of task YAMLs. A YAML's directory is what lm-eval
+class TaskSpec(NamedTuple):
+    """What ``--tasks`` names: every task to run, the directories lm-eval indexes for the local
+    ones, and the names that must come from lm-eval's own task registry."""
+
+    names: list[str]
+    include_paths: list[str]
+    registered: list[str]
+
+
+def resolve_tasks(tasks: str | Sequence[str]) -> TaskSpec:
+    """The :class:`TaskSpec` of ``--tasks`` items: a comma-separated string or a list of task
+    names, task YAML files and directories of task YAMLs. A YAML's directory is what lm-eval
     indexes (so its ``include:`` siblings resolve); the name run is the one the file defines."""
     items = [t.strip() for item in ([tasks] if isinstance(tasks, str) else tasks) for t in str(item).split(",")]
     names: list[str] = []
     include: list[str] = []
+    registered: list[str] = []
     for item in filter(None, items):
         path = Path(item).expanduser()
         if path.suffix in (".yaml", ".yml") or path.is_dir():
@@ -66,9 +76,10 @@ def resolve_tasks(tasks: str | Sequence[str]) -> tuple[list[str], list[str]]:
             include += [where] if where not in include else []
         else:
             names.append(item)
+            registered.append(item)
     if not names:
         raise GPConvError("--tasks names no task")
-    return list(dict.fromkeys(names)), include
+    return TaskSpec(list(dict.fromkeys(names)), include, registered)
 
 
 def _lm_eval():
@@ -85,9 +96,10 @@ def task_manager(tasks: str | Sequence[str]):
     """``(names, lm_eval.tasks.TaskManager)`` with every task checked and its data loaded once
     (a missing task or unreachable dataset is one error line, before any model is loaded)."""
     _, _, TaskManager, get_task_dict = _lm_eval()
-    names, include = resolve_tasks(tasks)
-    manager = TaskManager(include_path=include or None)
-    unknown = [n for n in names if not manager.match_tasks([n])]
+    names, include, registered = resolve_tasks(tasks)
+    # lm-eval's own registry takes ~15 s to index (thousands of YAMLs): only when a name needs it
+    manager = TaskManager(include_path=include or None, include_defaults=bool(registered))
+    unknown = [n for n in registered if not manager.match_tasks([n])]
     if unknown:
         raise GPConvError(f"unknown lm-eval task(s): {', '.join(unknown)} (not a task, group or tag lm-eval knows, "
                           "nor a task YAML; `lm_eval ls tasks` lists them)")
@@ -132,7 +144,7 @@ def evaluate_tasks(
         manager: A ``TaskManager`` from :func:`task_manager` (built here when None).
     """
     lm_eval, HFLM, _, _ = _lm_eval()
-    names, manager = task_manager(tasks) if manager is None else (resolve_tasks(tasks)[0], manager)
+    names, manager = task_manager(tasks) if manager is None else (resolve_tasks(tasks).names, manager)
     toks = dict(tokenizers) if isinstance(tokenizers, Mapping) else dict.fromkeys(models, tokenizers)
     spare = next((t for t in toks.values() if t is not None), None)
     if spare is None:
