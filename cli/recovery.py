@@ -38,7 +38,8 @@ _DISTILL_ONLY = ("kl_weight", "ce_weight", "hidden_weight", "temperature", "teac
 DISTILL = Group(TrainConfig, exclude=("betas",), flags=_TRAIN_FLAGS)
 TRAIN = Group(TrainConfig, exclude=("betas", *_DISTILL_ONLY), flags=_TRAIN_FLAGS)
 EVAL_DATA = dataclasses.replace(DATA, exclude=DATA.exclude + ("streaming",))
-EVALUATE = signature_group(_evaluate_fn, flags={"batch_size": Flag(("--batch-size", "-b"))})
+EVALUATE = signature_group(_evaluate_fn, flags={"batch_size": Flag(("--batch-size", "-b"), help=(
+    "Blocks (--data) or lm-eval requests (--tasks) per forward pass."))})
 TASKS = signature_group(_evaluate_tasks_fn, exclude=("batch_size", "manager"))  # --batch-size: EVALUATE's
 GENERATE = signature_group(_generate_fn, flags={"chat": Flag(("--chat/--no-chat",), help=(
     "Feed the prompt through the chat template (--no-chat: as raw text)."))})
