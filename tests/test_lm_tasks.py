@@ -3,12 +3,13 @@
 import json
 
 import pytest
+from tiny_models import TinyMLPLM
 from typer.testing import CliRunner
 
 import gpconv
 from gpconv import GPConvConfig, GPConvError, shrink
-from gpconv.hub import tiny_phi3
-from gpconv.recovery import resolve_tasks
+from gpconv.hub import byte_tokenizer, tiny_phi3
+from gpconv.recovery import evaluate_tasks, resolve_tasks
 from gpconv_cli.main import app
 
 runner = CliRunner()
@@ -175,6 +176,15 @@ def test_resolve_tasks(setup):
         resolve_tasks(str(d / "tasks" / "_template.yaml"))
     with pytest.raises(GPConvError, match="names no task"):
         resolve_tasks(" , ")
+
+
+def test_needs_a_transformers_model_and_a_tokenizer(setup):
+    mc = str(setup / "tasks" / "mc.yaml")
+    with pytest.raises(GPConvError, match="need a transformers model; m .TinyMLPLM. has no"):
+        evaluate_tasks({"m": TinyMLPLM()}, byte_tokenizer(), mc)
+    model, _ = tiny_phi3(**SMALL)
+    with pytest.raises(GPConvError, match="need a tokenizer"):
+        evaluate_tasks({"m": model}, None, mc)
 
 
 @pytest.mark.parametrize("args, message", [

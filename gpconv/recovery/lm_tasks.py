@@ -149,21 +149,34 @@ def evaluate_tasks(
     spare = next((t for t in toks.values() if t is not None), None)
     if spare is None:
         raise GPConvError("lm-eval tasks need a tokenizer; the model directory has none (save one with the model)")
-    out: dict[str, dict] = {"tasks": {}, "stderr": {}, "higher_is_better": {}, "samples": {}}
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task notes would bury the table
     for model_name, model in models.items():
-        was_training = model.training
-        model.eval()
-        try:
-            # lm-eval's own wrapper on the loaded model (HFLM takes an instance; transformers 5 on
-            # CPU works): its tokenisation, batching and context truncation are then lm-eval's own
-            lm = HFLM(pretrained=model, tokenizer=toks.get(model_name) or spare, batch_size=batch_size)
-            res = lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, limit=limit,
-                                          num_fewshot=num_fewshot, log_samples=False)
-        finally:
-            model.train(was_training)
-        _collect(out, model_name, res)
+        if not (hasattr(model, "config") and hasattr(model, "device")):
+            raise GPConvError(f"lm-eval tasks need a transformers model; {model_name} ({type(model).__name__}) has no "
+                              ".config / .device")
+    out: dict[str, dict] = {"tasks": {}, "stderr": {}, "higher_is_better": {}, "samples": {}}
+    log = logging.getLogger("lm_eval")
+    level = log.level
+    log.setLevel(logging.ERROR)  # its per-task notes (and --limit's "testing only") would bury the table
+    try:
+        for model_name, model in models.items():
+            _collect(out, model_name, _run(lm_eval, HFLM, model, toks.get(model_name) or spare, names, manager,
+                                           limit=limit, num_fewshot=num_fewshot, batch_size=batch_size))
+    finally:
+        log.setLevel(level)
     return out
+
+
+def _run(lm_eval, HFLM, model: nn.Module, tokenizer, names: list[str], manager, *, batch_size: int, **kw) -> dict:
+    """One model's ``simple_evaluate`` result, the model in eval mode meanwhile."""
+    was_training = model.training
+    model.eval()
+    try:
+        # lm-eval's own wrapper on the loaded model (HFLM takes an instance; transformers 5 on
+        # CPU works): its tokenisation, batching and context truncation are then lm-eval's own
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        return lm_eval.simple_evaluate(model=lm, tasks=names, task_manager=manager, log_samples=False, **kw)
+    finally:
+        model.train(was_training)
 
 
 def _collect(out: dict, model_name: str, res: dict) -> None:
