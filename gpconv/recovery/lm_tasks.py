@@ -99,10 +99,12 @@ def task_manager(tasks: str | Sequence[str]):
     names, include, registered = resolve_tasks(tasks)
     # lm-eval's own registry takes ~15 s to index (thousands of YAMLs): only when a name needs it
     manager = TaskManager(include_path=include or None, include_defaults=bool(registered))
-    unknown = [n for n in registered if not manager.match_tasks([n])]
+    matches = {n: manager.match_tasks([n]) for n in registered}  # a glob ("arc_*") names several
+    unknown = [n for n, found in matches.items() if not found]
     if unknown:
         raise GPConvError(f"unknown lm-eval task(s): {', '.join(unknown)} (not a task, group or tag lm-eval knows, "
                           "nor a task YAML; `lm_eval ls tasks` lists them)")
+    names = list(dict.fromkeys(m for n in names for m in matches.get(n, [n])))
     try:
         get_task_dict(names, manager)
     except Exception as e:  # datasets / network / YAML errors of every kind: one line for the user
@@ -141,10 +143,14 @@ def evaluate_tasks(
         limit: At most this many documents per task (below 1: that fraction of each task); lm-eval's --limit.
         num_fewshot: Few-shot examples per prompt (default: each task's own setting).
         batch_size: Requests per forward pass.
-        manager: A ``TaskManager`` from :func:`task_manager` (built here when None).
+        manager: A ``TaskManager`` from :func:`task_manager`, ``tasks`` then the names it returned
+            (None: both built here from ``tasks``).
     """
     lm_eval, HFLM, _, _ = _lm_eval()
-    names, manager = task_manager(tasks) if manager is None else (resolve_tasks(tasks).names, manager)
+    if manager is None:
+        names, manager = task_manager(tasks)
+    else:  # the names task_manager returned with it
+        names = [tasks] if isinstance(tasks, str) else list(tasks)
     toks = dict(tokenizers) if isinstance(tokenizers, Mapping) else dict.fromkeys(models, tokenizers)
     spare = next((t for t in toks.values() if t is not None), None)
     if spare is None:
