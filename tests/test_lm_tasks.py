@@ -1,6 +1,7 @@
 """`gpconv eval --tasks`: lm-eval-harness on local task YAMLs (offline), equal to lm-eval's own run."""
 
 import json
+import sys
 
 import pytest
 from tiny_models import TinyMLPLM
@@ -185,6 +186,12 @@ def test_needs_a_transformers_model_and_a_tokenizer(setup):
     model, _ = tiny_phi3(**SMALL)
     with pytest.raises(GPConvError, match="need a tokenizer"):
         evaluate_tasks({"m": model}, None, mc)
+
+
+def test_without_lm_eval_one_line(setup, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # as if not installed: importing it raises ImportError
+    r = run("eval", setup / "student", "--tasks", setup / "tasks")
+    assert r.exit_code == 2 and "pip install 'gpconv[eval]'" in r.output and "Traceback" not in r.output, r.output
 
 
 @pytest.mark.parametrize("args, message", [
