@@ -250,7 +250,9 @@ def train(
 def eval_(
     model: str = typer.Argument(..., help="Model to evaluate (directory, hub id, .gguf, built-in name)."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Also evaluate this model, side by side."),
-    data: Optional[str] = typer.Option(None, "--data", "-d", help="Held-out data (as distill's --data); or give --tasks."),
+    data: Optional[str] = typer.Option(None, "--data", "-d", help=(
+        "Held-out data: lamini | dolly | wikitext2 | a hub dataset id | a local .json/.jsonl/.parquet/.csv/.txt file; "
+        "or give --tasks.")),
     tasks: Optional[str] = typer.Option(None, "--tasks", help=(
         "lm-eval-harness tasks instead of --data: comma-separated task names (hellaswag, arc_easy, ...), "
         "task YAML files, or directories of them (needs gpconv[eval]).")),

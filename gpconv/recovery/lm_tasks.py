@@ -1,7 +1,7 @@
 """Standard benchmarks through lm-eval-harness, on models already loaded (student and teacher).
 
     res = evaluate_tasks({"student": s, "teacher": t}, tok, ["hellaswag", "my_tasks/ppl.yaml"])
-    res["tasks"]["hellaswag"]["acc_norm"]    # {"student": 0.31, "teacher": 0.42}
+    res["tasks"]["hellaswag"]["acc_norm"]    # {"student": ..., "teacher": ...}
 
 Each model runs through lm-eval's own ``HFLM`` wrapper and ``simple_evaluate`` (its default seeds,
 its metrics), so a number here is the number ``lm_eval --model hf`` prints for the same
@@ -26,8 +26,8 @@ _MISSING = "lm-eval tasks need lm-eval-harness: pip install 'gpconv[eval]'  (or:
 
 
 class _TaskYamlLoader(yaml.SafeLoader):
-    """Safe YAML that reads lm-eval's ``!function module.name`` tags as plain strings: only the
-    ``task`` / ``group`` name is wanted here; lm-eval itself resolves the functions."""
+    """Safe YAML that reads lm-eval's ``!function module.name`` tags (and any other tag) as None:
+    only the ``task`` / ``group`` name is wanted here; lm-eval itself resolves the functions."""
 
 
 _TaskYamlLoader.add_multi_constructor("!", lambda loader, suffix, node: None)
