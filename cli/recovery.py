@@ -16,6 +16,7 @@ import typer
 
 from gpconv.recovery import TrainConfig
 from gpconv.recovery import evaluate as _evaluate_fn
+from gpconv.recovery import evaluate_tasks as _evaluate_tasks_fn
 from gpconv.recovery import generate as _generate_fn
 
 from .app import DATA, app, user_errors
@@ -37,7 +38,9 @@ _DISTILL_ONLY = ("kl_weight", "ce_weight", "hidden_weight", "temperature", "teac
 DISTILL = Group(TrainConfig, exclude=("betas",), flags=_TRAIN_FLAGS)
 TRAIN = Group(TrainConfig, exclude=("betas", *_DISTILL_ONLY), flags=_TRAIN_FLAGS)
 EVAL_DATA = dataclasses.replace(DATA, exclude=DATA.exclude + ("streaming",))
-EVALUATE = signature_group(_evaluate_fn, flags={"batch_size": Flag(("--batch-size", "-b"))})
+EVALUATE = signature_group(_evaluate_fn, flags={"batch_size": Flag(("--batch-size", "-b"), help=(
+    "Blocks (--data) or lm-eval requests (--tasks) per forward pass."))})
+TASKS = signature_group(_evaluate_tasks_fn, exclude=("batch_size", "manager"))  # --batch-size: EVALUATE's
 GENERATE = signature_group(_generate_fn, flags={"chat": Flag(("--chat/--no-chat",), help=(
     "Feed the prompt through the chat template (--no-chat: as raw text)."))})
 
@@ -239,25 +242,42 @@ def train(
     gpconv eval smol-kd --teacher smollm2-135m-instruct --data alpaca.json --block-size 256
 
     gpconv eval smol-kd --data wikitext2.txt --split all --json
+
+    gpconv eval smol-kd --teacher smollm2-135m-instruct --tasks hellaswag,arc_easy --limit 200   (lm-eval; needs the hub)
+
+    gpconv eval smol-kd --tasks my_tasks/ppl.yaml,my_tasks/mc.yaml --json   (local task YAMLs: offline)
 """,
 )
 @user_errors
-@options(EVAL_DATA, EVALUATE)
+@options(EVAL_DATA, EVALUATE, TASKS)
 def eval_(
     model: str = typer.Argument(..., help="Model to evaluate (directory, hub id, .gguf, built-in name)."),
     teacher: Optional[str] = typer.Option(None, "--teacher", help="Also evaluate this model, side by side."),
-    data: str = _DATA,
+    data: Optional[str] = typer.Option(None, "--data", "-d", help=(
+        "Held-out data: lamini | dolly | wikitext2 | a hub dataset id | a local .json/.jsonl/.parquet/.csv/.txt file; "
+        "or give --tasks.")),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help=(
+        "lm-eval-harness tasks instead of --data: comma-separated task names (hellaswag, arc_easy, ...), "
+        "task YAML files, or directories of them (needs gpconv[eval]).")),
     split: str = typer.Option("val", "--split", help="val: the held-out rows of the same split training used | all: every row."),
     seed: int = typer.Option(0, "--seed", help="Seed of the split (the one training used)."),
     dtype: str = _DTYPE,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
     **opts,
 ):
-    """Loss, perplexity and next-token accuracy on held-out data; with --teacher, side by side."""
+    """Loss, perplexity and next-token accuracy on held-out data (--data), or lm-eval-harness
+    tasks (--tasks); with --teacher, side by side."""
     import gpconv
     from gpconv.errors import GPConvError
     from gpconv.recovery import check_vocab, compare
 
+    if (data is None) == (tasks is None):
+        raise GPConvError("give either --data (held-out perplexity) or --tasks (lm-eval tasks)")
+    if tasks is not None:
+        _eval_tasks(model, teacher, tasks, dtype, as_json, opts)
+        return
+    if opts["limit"] is not None or opts["num_fewshot"] is not None:
+        raise GPConvError("--limit and --num-fewshot apply to --tasks; with --data use --max-batches")
     if split not in ("val", "all"):
         raise GPConvError(f"--split must be val or all, got {split!r}")
     data_cfg = EVAL_DATA.build(opts)
@@ -294,6 +314,57 @@ def eval_(
     for key, fmt_ in (("loss", "{:.4f}"), ("perplexity", "{:.2f}"), ("accuracy", "{:.3f}"), ("tokens", "{:,}")):
         table.add_row(key, *(fmt_.format(r[key]) for r in results.values()))
     Console().print(table)
+
+
+def _eval_tasks(model: str, teacher: Optional[str], tasks: str, dtype: str, as_json: bool, opts: dict) -> None:
+    """``gpconv eval --tasks``: the tasks checked (and their data loaded) before any model loads."""
+    import gpconv
+    from gpconv.errors import GPConvError
+    from gpconv.recovery import evaluate_tasks, task_manager
+
+    if opts["max_batches"] is not None:
+        raise GPConvError("--max-batches applies to --data; with --tasks use --limit")
+    names, manager = task_manager(tasks)
+    m, tok = gpconv.load_model(model, dtype=dtype)
+    models, toks = {"student" if teacher else "model": m}, {"student" if teacher else "model": tok}
+    if teacher:
+        models["teacher"], toks["teacher"] = gpconv.load_model(teacher, dtype=dtype)
+    res = evaluate_tasks(models, toks, names, manager=manager, batch_size=opts["batch_size"], **TASKS.values(opts))
+    res = {"models": {"student": model, "teacher": teacher} if teacher else {"model": model},
+           "limit": opts["limit"], "num_fewshot": opts["num_fewshot"], **res}
+    if as_json:
+        typer.echo(json.dumps(res, indent=2))
+        return
+    from rich.console import Console
+
+    Console().print(_task_table(res, list(models)))
+
+
+def _fmt(v) -> str:
+    """4 decimals, or 4 significant digits for the huge perplexities of weak models."""
+    return "" if v is None else (f"{v:.4g}" if abs(v) >= 1e5 else f"{v:.4f}")
+
+
+def _task_table(res: dict, names: list[str]):
+    """One row per (task, metric): each model's value and, with a teacher, student - teacher."""
+    from rich.table import Table
+
+    limit = f", limit {res['limit']:g}" if res["limit"] is not None else ""
+    table = Table(title=f"lm-eval tasks{limit}")
+    table.add_column("task")
+    table.add_column("metric")
+    for name in names:
+        table.add_column(name, justify="right")
+    if "teacher" in names:
+        table.add_column("student - teacher", justify="right")
+    for task, metrics in res["tasks"].items():
+        for metric, vals in metrics.items():
+            arrow = {True: " ↑", False: " ↓"}.get(res["higher_is_better"].get(task, {}).get(metric), "")
+            cells = [_fmt(vals.get(n)) for n in names]
+            if "teacher" in names and None not in (vals.get("student"), vals.get("teacher")):
+                cells.append(_fmt(vals["student"] - vals["teacher"]))
+            table.add_row(task, metric + arrow, *cells)
+    return table
 
 
 @app.command(
