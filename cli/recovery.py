@@ -325,10 +325,10 @@ def _eval_tasks(model: str, teacher: Optional[str], tasks: str, dtype: str, as_j
     if opts["max_batches"] is not None:
         raise GPConvError("--max-batches applies to --data; with --tasks use --limit")
     names, manager = task_manager(tasks)
-    m, tok = gpconv.load_model(model, dtype=dtype)
+    m, tok = gpconv.load_model(model, dtype=dtype, need_weights=True)
     models, toks = {"student" if teacher else "model": m}, {"student" if teacher else "model": tok}
     if teacher:
-        models["teacher"], toks["teacher"] = gpconv.load_model(teacher, dtype=dtype)
+        models["teacher"], toks["teacher"] = gpconv.load_model(teacher, dtype=dtype, need_weights=True)
     res = evaluate_tasks(models, toks, names, manager=manager, batch_size=opts["batch_size"], **TASKS.values(opts))
     res = {"models": {"student": model, "teacher": teacher} if teacher else {"model": model},
            "limit": opts["limit"], "num_fewshot": opts["num_fewshot"], **res}
