@@ -18,6 +18,9 @@ def check_output_dir(out: str | os.PathLike, overwrite: bool = False) -> Path:
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise GPConvError(f"output path {out} exists and is not a directory")
+    parent = next((p for p in out.parents if p.exists()), None)  # the nearest one that exists
+    if parent is not None and not parent.is_dir():  # the directory could never be created, after all the work
+        raise GPConvError(f"output path {out}: {parent} is a file, not a directory")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise GPConvError(f"output directory {out} exists and is not empty; pass --overwrite to replace it")
     return out

@@ -167,6 +167,8 @@ CASES = [
     ("shrink-truncated-gguf", file("m.gguf", b"GGUF\x03\x00\x00\x00"), ["shrink", "{tmp}/m.gguf", "--out", "{out}"], "m.gguf"),
     ("shrink-missing-gguf", nothing, ["shrink", "{tmp}/m.gguf", "--out", "{out}"], "no such GGUF file"),
     ("shrink-out-is-file", file("o", "x"), ["shrink", "tiny-phi3", "--out", "{tmp}/o"], "exists and is not a directory"),
+    ("shrink-out-under-a-file", file("f", "x"), ["shrink", "tiny-phi3", "--out", "{tmp}/f/o", "-m", "64"], "{tmp}/f"),
+    ("train-out-under-a-file", file("f", "x"), ["train", "{w.ckpt}", *DATA, "--out", "{tmp}/f/o", "--max-steps", "1"], "{tmp}/f"),
     ("shrink-bad-device", nothing, ["shrink", "tiny-phi3", "--out", "{out}", "--device", "tpu9"], "tpu9"),
     ("shrink-bad-dtype", nothing, ["shrink", "tiny-phi3", "--out", "{out}", "--dtype", "float7"], "unknown dtype"),
     ("report-config-field-type", set_in_config("dense", "hidden_size", "many"), ["report", "{tmp}/dense"], "hidden_size"),
@@ -330,7 +332,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(world, tmp_path, monkeypat
     assert "Traceback" not in r.output
     assert r.exit_code == 2, r.output
     assert len(err.splitlines()) == 1 and err.startswith("gpconv: error:"), err
-    assert message in err, err
+    assert message.format(tmp=tmp_path) in err, err
     assert _tree(tmp_path) == before
 
 
