@@ -39,6 +39,29 @@ def test_onnx_runtime_logits_equal_pytorch(exported):
         np.testing.assert_allclose(lm.logits(ids.numpy()), ref, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("keep", [1, 3, 0, 50])
+def test_logits_to_keep_runs_the_output_layer_on_the_last_positions(exported, keep):
+    """The optional input: k > 0 gives the last k positions' logits (the output layer's MatMul
+    itself is k rows: ONNX Runtime runs every node, asked-for or not), 0 or absent every position."""
+    model, out = exported
+    lm = OnnxCausalLM(out / "onnx", threads=1)
+    assert lm.meta["optional_inputs"] == ["logits_to_keep"]
+    ids = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(keep))
+    with torch.no_grad():
+        ref = model(ids).logits.numpy()
+    feeds = {"input_ids": ids.numpy(), "attention_mask": np.ones((2, 9), np.int64),
+             "position_ids": np.broadcast_to(np.arange(9), (2, 9)).copy(), "logits_to_keep": np.array([keep])}
+    feeds.update(zip(lm.meta["inputs"][3:], lm.empty_past(2)))
+    got = lm.session.run(["logits"], feeds)[0]
+    want = ref[:, -keep:] if 0 < keep <= 9 else ref
+    assert got.shape == want.shape
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    del feeds["logits_to_keep"]  # a consumer that knows only the usual decoder inputs
+    np.testing.assert_allclose(lm.session.run(["logits"], feeds)[0], ref, rtol=1e-4, atol=1e-4)
+    last, _ = lm.step(ids.numpy(), lm.empty_past(2), last_only=True)
+    np.testing.assert_allclose(last, ref[:, -1:], rtol=1e-4, atol=1e-4)
+
+
 def test_kv_cache_steps_equal_one_pass(exported):
     model, out = exported
     lm = OnnxCausalLM(out / "onnx", threads=1)

@@ -7,9 +7,15 @@ The graph follows the Hugging Face / ONNX Runtime convention for decoders with a
     inputs   input_ids (batch, seq) int64, attention_mask (batch, past + seq) int64,
              position_ids (batch, seq) int64,
              past_key_values.{i}.key / .value (batch, kv_heads, past, head_dim), i = 0..layers-1
-    outputs  logits (batch, seq, vocab), present.{i}.key / .value (batch, kv_heads, past + seq, head_dim),
-             and last_logits (batch, 1, vocab), the next token's logits alone (a runtime that asks
-             for it instead of logits skips the output layer on the other positions)
+             logits_to_keep (1,) int64, optional (default 0: every position; k: the last k only)
+    outputs  logits (batch, seq or k, vocab),
+             present.{i}.key / .value (batch, kv_heads, past + seq, head_dim)
+
+``logits_to_keep`` has transformers' meaning: a runtime that feeds 1 during generation runs the
+output layer on the last position alone (ONNX Runtime executes every node of a graph whatever
+outputs are asked for, so a second, last-position output would not save the full one's work:
+SmolLM2's output layer is 29 GFLOP at 512 tokens). Its default sits in the graph, so a consumer
+that knows only the usual decoder inputs gets every position's logits.
 
 A first step feeds ``past`` of length 0. The export goes through ``torch.export`` (dynamic batch,
 sequence and past lengths) and torch's ONNX translator, with the blocks traced as plain torch ops
@@ -29,6 +35,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from transformers import DynamicCache
@@ -48,25 +55,61 @@ FORMATS = ("onnx",)
 OPTIMIZE = False
 
 
-class _Decoder(nn.Module):
-    """The model with its KV cache as flat tensors in and out (what an ONNX graph can carry)."""
+KEEP_INPUT = "logits_to_keep"
+_HIDDEN_OUTPUT = "gpconv_last_hidden"  # a temporary output: where the output layer's input is in the graph
 
-    def __init__(self, model: nn.Module, layers: int, cache_arg: str, last_logits: bool):
+
+class _Decoder(nn.Module):
+    """The model with its KV cache as flat tensors in and out (what an ONNX graph can carry);
+    with ``keep`` the last hidden state too, so that the export can slice it (:func:`_add_logits_to_keep`)."""
+
+    def __init__(self, model: nn.Module, layers: int, cache_arg: str, keep: bool):
         super().__init__()
-        self.model, self.layers, self.cache_arg, self.last_logits = model, layers, cache_arg, last_logits
+        self.model, self.layers, self.cache_arg, self.keep = model, layers, cache_arg, keep
 
     def forward(self, input_ids, attention_mask, position_ids, *past):
         cache = DynamicCache(config=self.model.config)
         for i in range(self.layers):
             cache.update(past[2 * i], past[2 * i + 1], i)  # an empty past (length 0) starts the cache
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                         use_cache=True, output_hidden_states=self.last_logits, **{self.cache_arg: cache})
+                         use_cache=True, output_hidden_states=self.keep, **{self.cache_arg: cache})
         present = _layers_of(out[self.cache_arg] if self.cache_arg in out else out["past_key_values"])
-        extra = ()
-        if self.last_logits:  # the next token's logits alone: a runtime that asks only for them skips
-            # the output layer on every other position (SmolLM2: 29 of its GFLOPs at 512 tokens)
-            extra = (self.model.get_output_embeddings()(out.hidden_states[-1][:, -1:]),)
+        extra = (out.hidden_states[-1],) if self.keep else ()
         return (out.logits, *[t for kv in present for t in kv], *extra)
+
+
+def _add_logits_to_keep(proto) -> None:
+    """Turn the temporary last-hidden-state output into the optional ``logits_to_keep`` input:
+    the output layer then reads ``hidden[:, -k:]`` (a Slice from -k; k = 0 slices from 0: every
+    position), with k's default 0 stored as an initializer of the same name (an input default)."""
+    from onnx import TensorProto, helper, numpy_helper  # onnx is there: torch's exporter needs it
+
+    g = proto.graph
+    nodes = list(g.node)
+    hidden, dead = _HIDDEN_OUTPUT, []
+    # the exporter may name the output through an Identity of the value the output layer reads
+    alias = next((n for n in nodes if n.op_type == "Identity" and n.output[0] == hidden), None)
+    if alias is not None and not any(hidden in n.input for n in nodes):
+        hidden, dead = alias.input[0], [alias]
+    readers = [i for i, n in enumerate(nodes) if hidden in n.input and n not in dead]
+    if not readers:
+        raise GPConvError("ONNX export: nothing reads the last hidden state (a gpconv bug); export failed")
+    kept = "gpconv_hidden_kept"
+    for i in readers:
+        n = nodes[i]
+        n.input[:] = [kept if name == hidden else name for name in n.input]
+    new = [helper.make_node("Neg", [KEEP_INPUT], ["gpconv_keep_start"], name="gpconv_keep_neg"),
+           helper.make_node("Slice", [hidden, "gpconv_keep_start", "gpconv_keep_end", "gpconv_keep_axis"], [kept],
+                            name="gpconv_keep_slice")]
+    # nodes are stored in topological order: the Slice goes just before its first reader
+    nodes[readers[0]:readers[0]] = new
+    del g.node[:]
+    g.node.extend(n for n in nodes if n not in dead)
+    g.initializer.extend([numpy_helper.from_array(np.array([0], np.int64), KEEP_INPUT),
+                          numpy_helper.from_array(np.array([np.iinfo(np.int64).max], np.int64), "gpconv_keep_end"),
+                          numpy_helper.from_array(np.array([1], np.int64), "gpconv_keep_axis")])
+    g.input.append(helper.make_tensor_value_info(KEEP_INPUT, TensorProto.INT64, [1]))
+    g.output.remove(next(o for o in g.output if o.name == _HIDDEN_OUTPUT))
 
 
 def _layers_of(cache) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -119,15 +162,16 @@ def check_exportable(model: nn.Module) -> None:
 
 @torch.no_grad()
 def _last_logits_match(model, cache_arg) -> bool:
-    """Does the output layer on the last hidden state give the model's last logits (true unless the
-    model scales or caps its logits after the output layer)? Then the export adds that output."""
+    """Does the output layer on the last hidden state give the model's logits (true unless the
+    model scales or caps its logits after the output layer)? Then the export can slice that
+    hidden state for ``logits_to_keep`` and be sure the output layer is what reads it."""
     ids = torch.arange(1, 5)[None] % max(2, model.get_output_embeddings().weight.shape[0])
     out = model(input_ids=ids, use_cache=False, output_hidden_states=True)
     hidden = getattr(out, "hidden_states", None)
     if not hidden:
         return False
-    last = model.get_output_embeddings()(hidden[-1][:, -1:])
-    return bool(torch.allclose(last, out.logits[:, -1:], rtol=1e-5, atol=1e-5))
+    head = model.get_output_embeddings()(hidden[-1])
+    return bool(torch.allclose(head, out.logits, rtol=1e-5, atol=1e-5))
 
 
 @torch.no_grad()
@@ -200,13 +244,13 @@ def _export(model, out: Path, tokenizer, overwrite: bool, max_len, say) -> Path:
     inputs = ["input_ids", "attention_mask", "position_ids"] + [
         f"past_key_values.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
     outputs = ["logits"] + [f"present.{i}.{kv}" for i in range(n_layers) for kv in ("key", "value")]
-    outputs += ["last_logits"] if last else []
     weight_bytes = sum(t.numel() * t.element_size() for t in {id(t): t for t in model.state_dict().values()}.values())
     t0 = time.perf_counter()
     try:
         with use_kernels(custom_ops=False), torch.no_grad(), quiet(), _silent_exporter():
             program = torch.onnx.export(_Decoder(model, n_layers, cache_arg, last).eval(), (ids, mask, pos, *past),
-                                        dynamic_shapes=shapes, input_names=inputs, output_names=outputs, dynamo=True,
+                                        dynamic_shapes=shapes, input_names=inputs,
+                                        output_names=outputs + ([_HIDDEN_OUTPUT] if last else []), dynamo=True,
                                         external_data=False, verbose=False, optimize=OPTIMIZE)
     except GPConvError:
         raise
@@ -215,12 +259,15 @@ def _export(model, out: Path, tokenizer, overwrite: bool, max_len, say) -> Path:
     if say is not None:
         say(f"traced and translated in {time.perf_counter() - t0:.1f} s")
     meta = {"format": "onnx", "gpconv_version": __version__, "torch": torch.__version__, "inputs": inputs,
-            "outputs": outputs, "layers": n_layers, "kv_heads": info["kv_heads"], "head_dim": info["head_dim"],
+            "outputs": outputs, "optional_inputs": [KEEP_INPUT] if last else [], "layers": n_layers, "kv_heads": info["kv_heads"], "head_dim": info["head_dim"],
             "value_dim": info["value_dim"], "dtype": info["dtype"], "vocab_size": info["vocab_size"],
             "max_len": limit, "model_class": type(model).__name__, "gpconv_plan": current_plan(model)}
     _strip_metadata(program.model)
+    proto = program.model_proto
+    if last:
+        _add_logits_to_keep(proto)
     with atomic_dir(out, overwrite) as tmp:
-        program.save(tmp / MODEL_FILE, external_data=weight_bytes > EXTERNAL_DATA_BYTES)
+        _save_proto(proto, tmp / MODEL_FILE, external=weight_bytes > EXTERNAL_DATA_BYTES)
         model.config.save_pretrained(tmp)
         gen = getattr(model, "generation_config", None)
         if gen is not None:
@@ -229,6 +276,17 @@ def _export(model, out: Path, tokenizer, overwrite: bool, max_len, say) -> Path:
             tokenizer.save_pretrained(tmp)
         (tmp / EXPORT_FILE).write_text(json.dumps(meta, indent=1) + "\n")
     return Path(out)
+
+
+def _save_proto(proto, path: Path, external: bool) -> None:
+    """``model.onnx``, with the weights in ``model.onnx.data`` beside it when ``external``."""
+    import onnx  # torch's ONNX exporter needs it, so it is installed wherever an export ran
+
+    if external:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(path))
 
 
 def export(model, out: str | os.PathLike, *, format: str = "onnx", tokenizer=None, dtype="float32",

@@ -49,6 +49,7 @@ class OnnxCausalLM:
             raise GPConvError(f"{self.path / EXPORT_FILE} is damaged (no dtype); export it again (gpconv export)")
         opts = ort.SessionOptions()
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3  # not its warning that logits_to_keep (an input with a default) is not a constant
         if threads is not None:
             opts.intra_op_num_threads = threads
             opts.inter_op_num_threads = 1
@@ -85,11 +86,11 @@ class OnnxCausalLM:
                  "position_ids": np.ascontiguousarray(position_ids, np.int64)}
         feeds.update(zip(self.meta["inputs"][3:], past))
         names = self.meta["outputs"]
-        if last_only and names[-1] == "last_logits":
-            out = self.session.run(names[-1:] + names[1:-1], feeds)  # the output layer on the last position only
-        else:
-            out = self.session.run(names[: 1 + 2 * self.meta["layers"]], feeds)
-        return out[0], out[1:]
+        if last_only and "logits_to_keep" in self.meta.get("optional_inputs", ()):
+            feeds["logits_to_keep"] = np.array([1], np.int64)  # the output layer on the last position only
+        out = self.session.run(names[: 1 + 2 * self.meta["layers"]], feeds)
+        logits = out[0][:, -1:] if last_only else out[0]
+        return logits, out[1:]
 
     def logits(self, input_ids) -> np.ndarray:
         """Logits (batch, seq, vocab) of a whole sequence, from an empty cache."""
