@@ -156,7 +156,9 @@ DATA = Group(DataConfig, exclude=("split",), flags={
 
 def _emit(report, as_json: bool, markdown: Optional[Path], max_rows: int = 60):
     if markdown is not None:
-        markdown.write_text(report.to_markdown())
+        from gpconv.fsutil import write_text_atomic
+
+        write_text_atomic(markdown, report.to_markdown())  # a reader never sees half a report
     if as_json:
         typer.echo(report.to_json())
     else:
