@@ -37,7 +37,8 @@ def world(tmp_path_factory):
     r = CliRunner().invoke(app, ["train", str(root / "ckpt"), "--data", str(root / "data.jsonl"), "--out", str(root / "run"),
                                  "--max-steps", "2", "--save-every", "1", "--block-size", "16", "--no-progress"])
     assert r.exit_code == 0 and (root / "run" / "checkpoints" / "step-000001").is_dir(), r.output
-    return SimpleNamespace(root=root, dense=root / "dense", ckpt=root / "ckpt", data=root / "data.jsonl", run=root / "run")
+    return SimpleNamespace(root=root, dense=root / "dense", ckpt=root / "ckpt", data=root / "data.jsonl", run=root / "run",
+                           files=_tree(root))
 
 
 # -- ways to make a bad input in tmp ----------------------------------------------------------
@@ -334,6 +335,7 @@ def test_bad_input_is_one_line_exit_2_nothing_written(world, tmp_path, monkeypat
     assert len(err.splitlines()) == 1 and err.startswith("gpconv: error:"), err
     assert message.format(tmp=tmp_path) in err, err
     assert _tree(tmp_path) == before
+    assert _tree(world.root) == world.files  # nor beside the good inputs it read
 
 
 def test_unreachable_target_is_refused_before_calibration(world, tmp_path, monkeypatch):
