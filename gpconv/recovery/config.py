@@ -103,7 +103,7 @@ class TrainConfig:
     metrics_format: str = "jsonl"
     """Metrics file format: jsonl | csv."""
     resume: bool = False
-    """Continue from the newest checkpoint in out_dir (start fresh if there is none)."""
+    """Continue from the newest complete checkpoint in out_dir; refused where there is none (start again with overwrite)."""
     overwrite: bool = False
     """Delete a non-empty out_dir first."""
     progress: bool = True
