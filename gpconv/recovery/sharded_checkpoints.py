@@ -39,6 +39,7 @@ from .checkpoints import CHECKPOINTS, prune, read_run_state, write_run_state
 SHARDED = "sharded"
 PARAM_GROUPS = "param_groups.json"
 _OPTIONS = StateDictOptions(ignore_frozen_params=True)  # frozen weights come from the starting model
+_LOAD = StateDictOptions(ignore_frozen_params=True, strict=False)  # (the names are compared before, here)
 
 
 def is_sharded(path: Path) -> bool:
@@ -100,7 +101,7 @@ def load_sharded_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, 
         if "betas" in g:
             g["betas"] = tuple(g["betas"])
     set_state_dict(model, optimizer, model_state_dict=target["model"],
-                   optim_state_dict={"state": target["optim"], "param_groups": groups}, options=_OPTIONS)
+                   optim_state_dict={"state": target["optim"], "param_groups": groups}, options=_LOAD)
     return read_run_state(path, scheduler, rank)
 
 
@@ -115,12 +116,14 @@ class _MetadataUnpickler(pickle.Unpickler):
     def find_class(self, module: str, name: str):
         if module.startswith("torch.distributed.checkpoint.") or (module, name) in _ALLOWED:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+        if module == "torch" and isinstance(getattr(torch, name, None), (torch.dtype, torch.memory_format)):
             return getattr(torch, name)
         raise GPConvError(f"checkpoint index holds {module}.{name}, which a DCP index never does; not loading it")
 
 
-_ALLOWED = {("torch", "Size"), ("collections", "OrderedDict"), ("builtins", "set"), ("builtins", "frozenset"), ("torch", "device")}
+_ALLOWED = {("torch", "Size"), ("torch", "device"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+            ("builtins", "set"), ("builtins", "frozenset"), ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"),
+            ("pathlib", "PurePosixPath"), ("pathlib", "PureWindowsPath")}  # the path it was saved to
 
 
 class _SafeReader(FileSystemReader):
