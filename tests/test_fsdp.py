@@ -112,6 +112,19 @@ def test_fsdp_sigkill_then_resume_matches_uninterrupted(tmp_path, sharded_run):
 
 
 @pytest.mark.slow
+def test_accelerate_launch_with_the_documented_fsdp_config(tmp_path, sharded_run):
+    """The YAML a user writes (accelerate config): distributed 'auto' shards, the same run results."""
+    out = tmp_path / "acc"
+    config = Path(__file__).resolve().parent.parent / "examples" / "accelerate" / "fsdp_cpu.yaml"
+    _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, CHILD, out,
+          "--batch-size", 2, "--grad-accum", 1, "--dropout", 0])  # no --distributed: auto
+    assert (out / "checkpoints" / "step-000008" / "sharded").is_dir()
+    a, b = load_file(str(out / "model.safetensors")), load_file(str(sharded_run / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.slow
 def test_resuming_a_sharded_run_unsharded_is_refused(sharded_run, tmp_path):
     run = tmp_path / "copy"
     subprocess.run(["cp", "-r", str(sharded_run), str(run)], check=True)
