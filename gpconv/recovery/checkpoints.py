@@ -13,6 +13,7 @@
 
 Each checkpoint is written into a hidden temporary directory and renamed into place
 (:func:`gpconv.fsutil.atomic_dir`), so a run killed while saving leaves the previous checkpoint whole.
+A sharded (FSDP) run writes its tensors through DCP instead (:mod:`.sharded_checkpoints`).
 """
 
 from __future__ import annotations

@@ -110,7 +110,7 @@ class TrainConfig:
     """Metrics file format: jsonl | csv."""
     report_to: str = "none"
     """Experiment trackers (accelerate's) fed the logged metrics: tensorboard | wandb | none, or a
-    comma-separated list. TensorBoard writes OUT/tensorboard/."""
+    comma-separated list. TensorBoard writes OUT/tensorboard/gpconv/."""
     resume: bool = False
     """Continue from the newest checkpoint in out_dir (start fresh if there is none)."""
     overwrite: bool = False
