@@ -132,7 +132,7 @@ def test_resuming_a_sharded_run_unsharded_is_refused(sharded_run, tmp_path):
     r = subprocess.run([sys.executable, CHILD, str(run), "--resume", "--batch-size", "4", "--grad-accum", "1", "--dropout", "0"],
                        env=_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode != 0
-    assert "was written by an FSDP run (resume with --distributed fsdp" in r.stderr
+    assert "was written by an FSDP run; resume it with --distributed fsdp" in r.stderr
 
 
 class Evil:

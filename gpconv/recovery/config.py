@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -129,6 +130,9 @@ class TrainConfig:
             raise GPConvError(f"unknown distributed mode {self.distributed!r}; choose one of: {', '.join(DISTRIBUTED)}")
         if self.trackers and self.out_dir is None:
             raise GPConvError(f"report_to {self.report_to!r} needs out_dir (the trackers write beside the metrics)")
+        for name in self.trackers:  # before any model loads: accelerate would only warn and log nothing
+            if importlib.util.find_spec(name) is None:
+                raise GPConvError(f"report_to {name} needs the {name} package: pip install {name}")
         if self.metrics_format not in ("jsonl", "csv"):
             raise GPConvError(f"metrics_format must be jsonl or csv, got {self.metrics_format!r}")
         for name in ("batch_size", "grad_accum", "log_every"):

@@ -9,29 +9,22 @@ events after its checkpoint's step, as the metrics file does. Only the main proc
 
 from __future__ import annotations
 
-import importlib.util
 from dataclasses import asdict
 from pathlib import Path
 
 from accelerate.utils import ProjectConfiguration
 
-from ..errors import GPConvError
 from .config import TrainConfig
 
 TENSORBOARD_DIR = "tensorboard"
 PROJECT = "gpconv"  # the W&B project; TensorBoard's events go to OUT/tensorboard/gpconv/
-_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb")}  # tracker: (module, pip name)
 
 
 def accelerator_kwargs(cfg: TrainConfig) -> dict:
-    """``log_with`` and ``project_config`` for the Accelerator; refuses a tracker that is not installed."""
+    """``log_with`` and ``project_config`` for the Accelerator (TrainConfig checked the packages)."""
     names = cfg.trackers
     if not names:
         return {}
-    for name in names:
-        module, pip = _PACKAGES[name]
-        if importlib.util.find_spec(module) is None:
-            raise GPConvError(f"report_to {name} needs the {pip} package: pip install {pip}")
     out = Path(cfg.out_dir).expanduser()
     return {"log_with": list(names),
             "project_config": ProjectConfiguration(project_dir=str(out), logging_dir=str(out / TENSORBOARD_DIR))}

@@ -237,8 +237,9 @@ def _run(student, teacher, train_data, cfg: TrainConfig, val_data, tokenizer, ca
         ckpt = latest_checkpoint(out)
         if ckpt is not None:
             if is_sharded(ckpt) != fsdp:
-                was = "an FSDP run (resume with --distributed fsdp" if is_sharded(ckpt) else "an unsharded run (resume with --distributed ddp"
-                raise GPConvError(f"{ckpt} was written by {was}, as many processes as before)")
+                was = ("an FSDP run; resume it with --distributed fsdp" if is_sharded(ckpt)
+                       else "an unsharded run; resume it with --distributed ddp")
+                raise GPConvError(f"{ckpt} was written by {was}")
             if fsdp:
                 state = load_sharded_checkpoint(ckpt, model, optimizer, scheduler, acc.process_index)
             else:
