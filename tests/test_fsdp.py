@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import gpconv
 from gpconv.errors import GPConvError
@@ -117,11 +118,16 @@ def test_accelerate_launch_with_the_documented_fsdp_config(tmp_path, sharded_run
     out = tmp_path / "acc"
     config = Path(__file__).resolve().parent.parent / "examples" / "accelerate" / "fsdp_cpu.yaml"
     _run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, CHILD, out,
-          "--batch-size", 2, "--grad-accum", 1, "--dropout", 0])  # no --distributed: auto
+          "--batch-size", 2, "--grad-accum", 1, "--dropout", 0, "--report-to", "tensorboard"])  # no --distributed: auto
     assert (out / "checkpoints" / "step-000008" / "sharded").is_dir()
     a, b = load_file(str(out / "model.safetensors")), load_file(str(sharded_run / "model.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+    # the trackers with 2 processes: the main one writes, and the run still ends in its process group
+    events = EventAccumulator(str(out / "tensorboard" / "gpconv"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == list(range(1, 13))
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([x[2] for x in _story(out) if x[1] == "train"])
 
 
 @pytest.mark.slow

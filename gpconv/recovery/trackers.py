@@ -52,5 +52,9 @@ def log(acc, cfg: TrainConfig, row: dict) -> None:
 
 
 def finish(acc, cfg: TrainConfig) -> None:
+    """Close the trackers (flush TensorBoard's events). Not ``acc.end_training()``: it also ends
+    the process group, which the end of the run (gathering an FSDP model) and a later run in the
+    same processes still need."""
     if cfg.trackers:
-        acc.end_training()
+        for tracker in acc.trackers:
+            tracker.finish()
