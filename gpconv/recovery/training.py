@@ -9,7 +9,8 @@
 
 The student is any causal-LM-like ``nn.Module``: a transformers model, or a module whose
 forward takes ``(B, T)`` ids and returns logits (or an output with ``.logits``). It is trained
-in place and returned (LoRA adapters merged).
+in place and returned (LoRA adapters merged); under FSDP the module stays sharded and a whole
+copy, gathered at the end, is returned.
 
 One optimizer step (the *global batch* is ``batch_size x grad_accum x processes`` blocks):
 
