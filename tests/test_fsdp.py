@@ -81,6 +81,22 @@ def test_fsdp_two_processes_match_one(tmp_path, sharded_run):
 
 
 @pytest.mark.slow
+def test_fsdp_lora_matches_one_process(tmp_path):
+    """LoRA on the attention's dense layers, the MLP's grouped blocks fully: trainable and frozen
+    parameters in the same FSDP units; merged at the end."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    args = ["--train", "lora", "--targets", "mlp", "--steps", 4, "--dropout", 0]
+    _run([sys.executable, CHILD, one, "--batch-size", 2, "--grad-accum", 2, *args])
+    _run(_torchrun(two, *FSDP_ARGS, *args))
+    a, b = load_file(str(one / "model.safetensors")), load_file(str(two / "model.safetensors"))
+    assert a.keys() == b.keys() and not any("lora" in k for k in a)  # merged
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-6), (k, (a[k] - b[k]).abs().max())
+    for x, y in zip(_story(one), _story(two), strict=True):
+        assert x[:2] == y[:2] and x[2] == pytest.approx(y[2], rel=1e-5)
+
+
+@pytest.mark.slow
 def test_fsdp_sigkill_then_resume_matches_uninterrupted(tmp_path, sharded_run):
     out = tmp_path / "killed"
     log = (tmp_path / "child.log").open("w")  # a file, not a pipe: a full pipe would block the child
