@@ -13,6 +13,7 @@
 
 Each checkpoint is written into a hidden temporary directory and renamed into place
 (:func:`gpconv.fsutil.atomic_dir`), so a run killed while saving leaves the previous checkpoint whole.
+A sharded (FSDP) run writes its tensors through DCP instead (:mod:`.sharded_checkpoints`).
 """
 
 from __future__ import annotations
@@ -108,14 +109,24 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, optimizer,
     with atomic_dir(target, overwrite=True) as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
-        flat = {f"rank{r}.{k}": v.contiguous() for r, s in enumerate(rng_states) for k, v in s.items()}
-        save_file(flat, str(tmp / "rng.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1) + "\n")
+        write_run_state(tmp, step, scheduler, rng_states, state)
+    prune(out_dir, keep)
+    return target
+
+
+def write_run_state(tmp: Path, step: int, scheduler, rng_states: list[dict], state: dict) -> None:
+    """The scheduler, every process's RNG and ``state.json`` (last: it marks the checkpoint complete)."""
+    (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+    flat = {f"rank{r}.{k}": v.contiguous() for r, s in enumerate(rng_states) for k, v in s.items()}
+    save_file(flat, str(tmp / "rng.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1) + "\n")
+
+
+def prune(out_dir: str | Path, keep: int) -> None:
+    """Drop all but the ``keep`` newest checkpoints (0: keep all)."""
     if keep > 0:
         for old in checkpoint_dirs(out_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, rank: int) -> dict:
@@ -135,6 +146,11 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, rank: in
                 raise GPConvError(f"{path}: {n!r} has shape {tuple(t.shape)}, the model {tuple(params[n].shape)}")
             params[n].copy_(t)
     optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
+    return read_run_state(path, scheduler, rank)
+
+
+def read_run_state(path: Path, scheduler, rank: int) -> dict:
+    """Restore the scheduler and this process's RNG; the checkpoint's ``state.json``."""
     scheduler.load_state_dict(json.loads((path / "scheduler.json").read_text()))
     rng = load_file(str(path / "rng.safetensors"))
     mine = {k.split(".", 1)[1]: v for k, v in rng.items() if k.startswith(f"rank{rank}.")}
