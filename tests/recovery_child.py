@@ -1,6 +1,8 @@
 """A tiny distillation run, started as a subprocess by tests/test_train_processes.py.
 
     python tests/recovery_child.py OUT [--resume] [--pause-at N] [--batch-size B] [--grad-accum A] [--dropout P]
+                                       [--teacher-top-k K] [--distributed ddp|fsdp] [--report-to tensorboard]
+                                       [--train lora --targets mlp] [--steps N]
     torchrun --standalone --nproc_per_node 2 tests/recovery_child.py OUT ...
 
 Everything (models, data) is built from fixed seeds, so two runs with the same arguments must
@@ -41,11 +43,15 @@ def main():
     ap.add_argument("--grad-accum", type=int, default=2)
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--teacher-top-k", type=int, default=0)
+    ap.add_argument("--distributed", default="auto")
+    ap.add_argument("--report-to", default="none")
+    ap.add_argument("--train", default=None)
+    ap.add_argument("--targets", default="all-linear")
     a = ap.parse_args()
 
     teacher, tok = tiny_phi3(seed=1, **SMALL)
     student, _ = tiny_phi3(seed=1, resid_pdrop=a.dropout, **SMALL)  # dropout: the RNG state matters on resume
-    gpconv.shrink(student, gpconv.GPConvConfig(min_channels_per_group=16, init="project"))
+    gpconv.shrink(student, gpconv.GPConvConfig(min_channels_per_group=16, init="project", target_modules=a.targets))
     data = Path(a.out + ".data.jsonl")
     if int(os.environ.get("RANK", "0")) == 0 and not data.exists():
         tmp = data.with_suffix(".tmp")
@@ -62,7 +68,8 @@ def main():
 
     cfg = gpconv.TrainConfig(out_dir=a.out, max_steps=a.steps, batch_size=a.batch_size, grad_accum=a.grad_accum,
                              lr=3e-3, save_every=4, log_every=1, resume=a.resume, progress=False,
-                             teacher_top_k=a.teacher_top_k)
+                             teacher_top_k=a.teacher_top_k, distributed=a.distributed, report_to=a.report_to,
+                             train=a.train)
     res = gpconv.distill(student, teacher, train, cfg, val_data=val, tokenizer=tok, teacher_tokenizer=tok,
                          callbacks=[pause] if a.pause_at else [])
     print(f"done steps={res.steps} val_loss={res.val['loss']:.6f}", file=sys.stderr)

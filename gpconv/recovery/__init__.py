@@ -1,9 +1,10 @@
 """Recovery: distil a shrunk student from its teacher or train it, evaluate it, generate with it.
 
-:mod:`.training` is the run (accelerate: one process, DDP); :mod:`.losses` the objectives as
-sums over counted tokens; :mod:`.teacher_cache` the teacher's top-k per block, kept;
-:mod:`.checkpoints` atomic, exactly resumable checkpoints; :mod:`.evaluation` held-out metrics
-and generation; :mod:`.lm_tasks` lm-eval-harness tasks on loaded models.
+:mod:`.training` is the run (accelerate: one process, DDP; :mod:`.fsdp` FSDP2); :mod:`.losses`
+the objectives as sums over counted tokens; :mod:`.teacher_cache` the teacher's top-k per block,
+kept; :mod:`.checkpoints` atomic, exactly resumable checkpoints (:mod:`.sharded_checkpoints`
+for a sharded run); :mod:`.trackers` TensorBoard / W&B; :mod:`.evaluation` held-out metrics and
+generation; :mod:`.lm_tasks` lm-eval-harness tasks on loaded models.
 """
 
 from .batching import BatchPlan, as_train_data

@@ -13,10 +13,12 @@
 
 Each checkpoint is written into a hidden temporary directory and renamed into place
 (:func:`gpconv.fsutil.atomic_dir`), so a run killed while saving leaves the previous checkpoint whole.
+A sharded (FSDP) run writes its tensors through DCP instead (:mod:`.sharded_checkpoints`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
@@ -109,27 +111,31 @@ def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, optimizer,
     with atomic_dir(target, overwrite=True) as tmp:
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
-        flat = {f"rank{r}.{k}": v.contiguous() for r, s in enumerate(rng_states) for k, v in s.items()}
-        save_file(flat, str(tmp / "rng.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1) + "\n")
+        write_run_state(tmp, step, scheduler, rng_states, state)
+    prune(out_dir, keep)
+    return target
+
+
+def write_run_state(tmp: Path, step: int, scheduler, rng_states: list[dict], state: dict) -> None:
+    """The scheduler, every process's RNG and ``state.json`` (last: it marks the checkpoint complete)."""
+    (tmp / "scheduler.json").write_text(json.dumps(scheduler.state_dict()))
+    flat = {f"rank{r}.{k}": v.contiguous() for r, s in enumerate(rng_states) for k, v in s.items()}
+    save_file(flat, str(tmp / "rng.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**state, "step": step}, indent=1) + "\n")
+
+
+def prune(out_dir: str | Path, keep: int) -> None:
+    """Drop all but the ``keep`` newest checkpoints (0: keep all)."""
     if keep > 0:
         for old in checkpoint_dirs(out_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
-    return target
 
 
 def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, rank: int) -> dict:
     """Restore a checkpoint into ``model`` / ``optimizer`` / ``scheduler`` and this process's RNG."""
-    try:  # every file read before anything changes: a damaged one leaves the run as it was
+    with _readable(path):
         weights = load_file(str(path / "trainable.safetensors"))
         opt_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
-        sched_state = json.loads((path / "scheduler.json").read_text())
-        rng = load_file(str(path / "rng.safetensors"))
-        state = json.loads((path / "state.json").read_text())
-    except Exception as e:  # SafetensorError, UnpicklingError, JSONDecodeError, OSError: a damaged or missing file
-        raise GPConvError(f"cannot read the checkpoint {path} ({first_line(e)}); delete that directory to resume "
-                          "from the one before") from None
     params = dict(model.named_parameters())
     trainable = {n for n, p in params.items() if p.requires_grad}
     if set(weights) != trainable:
@@ -144,8 +150,28 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer, scheduler, rank: in
                 raise GPConvError(f"{path}: {n!r} has shape {tuple(t.shape)}, the model {tuple(params[n].shape)}")
             params[n].copy_(t)
     optimizer.load_state_dict(opt_state)
+    return read_run_state(path, scheduler, rank)
+
+
+def read_run_state(path: Path, scheduler, rank: int) -> dict:
+    """Restore the scheduler and this process's RNG; the checkpoint's ``state.json``."""
+    with _readable(path):
+        sched_state = json.loads((path / "scheduler.json").read_text())
+        rng = load_file(str(path / "rng.safetensors"))
+        state = json.loads((path / "state.json").read_text())
     scheduler.load_state_dict(sched_state)
     mine = {k.split(".", 1)[1]: v for k, v in rng.items() if k.startswith(f"rank{rank}.")}
     if mine:  # a different number of processes than before: the new ranks keep their seeds
         set_rng_state(mine)
     return state
+
+
+@contextlib.contextmanager
+def _readable(path: Path):
+    """Reads of checkpoint ``path``'s files: a damaged or missing one is one line naming the
+    checkpoint (the run stops before its first step; nothing on disk has changed)."""
+    try:
+        yield
+    except Exception as e:  # SafetensorError, UnpicklingError, JSONDecodeError, OSError: a damaged or missing file
+        raise GPConvError(f"cannot read the checkpoint {path} ({first_line(e)}); delete that directory to resume "
+                          "from the one before") from None

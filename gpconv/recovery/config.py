@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from ..errors import GPConvError
 
 TRAIN_MODES = ("grouped", "all", "lora")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+DISTRIBUTED = ("auto", "ddp", "fsdp")
+TRACKERS = ("tensorboard", "wandb")
 RUN_FILE = "train_config.json"  # marks a directory as a training run
 
 
@@ -88,6 +91,10 @@ class TrainConfig:
     """Recompute activations in the backward pass (less memory)."""
     seed: int = 0
     """Seed of the initialisation, the data order and the split."""
+    distributed: str = "auto"
+    """Several processes: 'ddp' (each holds the whole model), 'fsdp' (FSDP2: parameters, gradients
+    and optimizer state sharded per decoder layer over the processes, the teacher too), or 'auto'
+    (fsdp when accelerate launch is configured for FSDP, else ddp). One process: neither."""
 
     # -- bookkeeping
     save_every: int = 200
@@ -102,6 +109,9 @@ class TrainConfig:
     """Write a metrics row every N steps."""
     metrics_format: str = "jsonl"
     """Metrics file format: jsonl | csv."""
+    report_to: str = "none"
+    """Experiment trackers (accelerate's) fed the logged metrics: tensorboard | wandb | none, or a
+    comma-separated list. TensorBoard writes OUT/tensorboard/gpconv/."""
     resume: bool = False
     """Continue from the newest complete checkpoint in out_dir; refused where there is none (start again with overwrite)."""
     overwrite: bool = False
@@ -116,6 +126,13 @@ class TrainConfig:
             raise GPConvError(f"unknown train mode {self.train!r}; choose one of: {', '.join(TRAIN_MODES)}")
         if self.precision not in PRECISIONS:
             raise GPConvError(f"unknown precision {self.precision!r}; choose one of: {', '.join(PRECISIONS)}")
+        if self.distributed not in DISTRIBUTED:
+            raise GPConvError(f"unknown distributed mode {self.distributed!r}; choose one of: {', '.join(DISTRIBUTED)}")
+        if self.trackers and self.out_dir is None:
+            raise GPConvError(f"report_to {self.report_to!r} needs out_dir (the trackers write beside the metrics)")
+        for name in self.trackers:  # before any model loads: accelerate would only warn and log nothing
+            if importlib.util.find_spec(name) is None:
+                raise GPConvError(f"report_to {name} needs the {name} package: pip install {name}")
         if self.metrics_format not in ("jsonl", "csv"):
             raise GPConvError(f"metrics_format must be jsonl or csv, got {self.metrics_format!r}")
         for name in ("batch_size", "grad_accum", "log_every"):
@@ -141,6 +158,17 @@ class TrainConfig:
             raise GPConvError("save_every and eval_every must be >= 0")
         if self.resume and self.out_dir is None:
             raise GPConvError("resume needs out_dir")
+
+    @property
+    def trackers(self) -> tuple[str, ...]:
+        """The trackers ``report_to`` names (checked; empty for 'none')."""
+        names = tuple(dict.fromkeys(t.strip().lower() for t in self.report_to.split(",") if t.strip()))
+        if names in ((), ("none",)):
+            return ()
+        bad = [t for t in names if t not in TRACKERS]
+        if bad:
+            raise GPConvError(f"unknown tracker {bad[0]!r} in report_to; choose from: {', '.join(TRACKERS)}, none")
+        return names
 
 
 @dataclass

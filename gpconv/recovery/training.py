@@ -9,7 +9,8 @@
 
 The student is any causal-LM-like ``nn.Module``: a transformers model, or a module whose
 forward takes ``(B, T)`` ids and returns logits (or an output with ``.logits``). It is trained
-in place and returned (LoRA adapters merged).
+in place and returned (LoRA adapters merged); under FSDP the module stays sharded and a whole
+copy, gathered at the end, is returned.
 
 One optimizer step (the *global batch* is ``batch_size x grad_accum x processes`` blocks):
 
@@ -24,7 +25,8 @@ One optimizer step (the *global batch* is ``batch_size x grad_accum x processes`
 4. Clip, step, schedule (linear warm-up, cosine decay), log, evaluate, checkpoint.
 
 Built on accelerate: ``accelerate launch`` / ``torchrun`` give DDP over GPUs or CPU processes
-(gloo); mixed precision is accelerate's autocast (bf16/fp16 on GPU, fp32 on CPU).
+(gloo), or FSDP2 (``distributed='fsdp'``, :mod:`.fsdp`); mixed precision is accelerate's autocast
+(bf16/fp16 on GPU, fp32 on CPU); ``report_to`` feeds accelerate's trackers (:mod:`.trackers`).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ from typing import Callable, Sequence
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import DistributedType, gather_object, set_seed
 from torch import nn
 
 from ..data import StreamingBlocks
@@ -52,8 +54,11 @@ from ..hub import PLAN_FILE, save_pretrained
 from .batching import BatchPlan, as_train_data
 from .checkpoints import latest_checkpoint, load_checkpoint, remove_partial, rng_state, save_checkpoint
 from .config import RUN_FILE, TrainConfig, TrainingDiverged, TrainResult
+from . import trackers
 from .evaluation import eval_sums, metrics_from_sums
+from .fsdp import clip_grad_norm, device_mesh, gather_into, idle_forwards, meta_copy, shard, wants_fsdp
 from .losses import loss_sums, model_outputs, teacher_targets
+from .sharded_checkpoints import is_sharded, load_sharded_checkpoint, save_sharded_checkpoint
 from .teacher_cache import TeacherCache, check_settings
 from .trainable import (enable_checkpointing, forget_other_precision, freeze_grouped_weights, lr_factor, mixed_precision,
                         make_optimizer, select_trainable)
@@ -178,7 +183,12 @@ def _run(student, teacher, train_data, cfg: TrainConfig, val_data, tokenizer, ca
     cpu_group = int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
     mixed = mixed_precision(cfg.precision)
     forget_other_precision(mixed)
-    acc = Accelerator(mixed_precision=mixed, cpu=cpu_group)
+    acc = Accelerator(mixed_precision=mixed, cpu=cpu_group, **trackers.accelerator_kwargs(cfg))
+    fsdp = wants_fsdp(cfg.distributed, acc.num_processes)
+    if fsdp and mixed == "fp16":
+        raise GPConvError("fsdp runs in bf16 or fp32 (fp16 would need a gradient scaler across shards); use --precision bf16")
+    if acc.distributed_type == DistributedType.FSDP and not fsdp:
+        raise GPConvError("accelerate is configured for FSDP but distributed is 'ddp'; use --distributed fsdp (or auto)")
     out = _prepare_out_dir(cfg, acc.is_main_process)
     acc.wait_for_everyone()
     save_every = cfg.save_every if out is not None else 0
@@ -192,6 +202,7 @@ def _run(student, teacher, train_data, cfg: TrainConfig, val_data, tokenizer, ca
         total = math.ceil(cfg.epochs * len(data) / plan.global_batch)
 
     was_trainable = {id(p): p.requires_grad for p in student.parameters()}
+    trainable_by_name = {n: p.requires_grad for n, p in student.named_parameters()}  # for a gathered copy
     model = select_trainable(student, mode, cfg)
     freeze_grouped_weights(model, cfg)
     if cfg.gradient_checkpointing:
@@ -200,6 +211,14 @@ def _run(student, teacher, train_data, cfg: TrainConfig, val_data, tokenizer, ca
     live = teacher.teacher if isinstance(teacher, TeacherCache) else teacher  # the model, if any
     if live is not None:
         live.eval().requires_grad_(False)
+    skeleton = None
+    if fsdp:  # in place: parameters become this process's shards on acc.device
+        skeleton = meta_copy(model)
+        mesh = device_mesh(acc.device, acc.num_processes)
+        shard(model, mesh)
+        if live is not None and not isinstance(teacher, TeacherCache):
+            shard(live, mesh)
+    if live is not None and not (fsdp and live is teacher):
         live.to(acc.device)
     want_hidden = teacher is not None and cfg.hidden_weight > 0
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -209,8 +228,11 @@ def _run(student, teacher, train_data, cfg: TrainConfig, val_data, tokenizer, ca
     # the schedule depend on the number of processes
     lr_schedule = lr_factor(cfg, total)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_schedule)
-    model, optimizer = acc.prepare(model, optimizer)
-    core = acc.unwrap_model(model)
+    if fsdp:
+        core = model  # sharded already: accelerate's prepare would wrap it in DDP on CPU
+    else:
+        model, optimizer = acc.prepare(model, optimizer)
+        core = acc.unwrap_model(model)
 
     step, tokens, train_s, teacher_s = 0, 0, 0.0, 0.0
     run_state = {"global_batch": plan.global_batch, "train_blocks": plan.blocks, "train": mode}
@@ -221,7 +243,14 @@ def _run(student, teacher, train_data, cfg: TrainConfig, val_data, tokenizer, ca
         acc.wait_for_everyone()
         ckpt = latest_checkpoint(out)
         if ckpt is not None:
-            state = load_checkpoint(ckpt, core, optimizer, scheduler, acc.process_index)
+            if is_sharded(ckpt) != fsdp:
+                was = ("an FSDP run; resume it with --distributed fsdp" if is_sharded(ckpt)
+                       else "an unsharded run; resume it with --distributed ddp")
+                raise GPConvError(f"{ckpt} was written by {was}")
+            if fsdp:
+                state = load_sharded_checkpoint(ckpt, model, optimizer, scheduler, acc.process_index)
+            else:
+                state = load_checkpoint(ckpt, core, optimizer, scheduler, acc.process_index)
             for k, v in run_state.items():
                 if state.get(k) != v:
                     raise GPConvError(f"{ckpt} was written with {k}={state.get(k)}, this run has {v}; resume with the same settings")
@@ -231,6 +260,11 @@ def _run(student, teacher, train_data, cfg: TrainConfig, val_data, tokenizer, ca
     if out is not None and acc.is_main_process:
         (out / RUN_FILE).write_text(json.dumps({**asdict(cfg), "train": mode, "total_steps": total, **run_state}, indent=1) + "\n")
     log = MetricsLog(out if acc.is_main_process else None, cfg.metrics_format, resume_step=step if resumed_from else None)
+    trackers.start(acc, cfg, out, step if resumed_from else None, out.name if out is not None else "run")
+
+    def record(row: dict) -> None:
+        log.log(row)
+        trackers.log(acc, cfg, row)
     bar = Progress(total, step, cfg.progress and acc.is_main_process, "distill" if teacher is not None else "train")
     if resumed_from is not None:
         bar.print(f"resumed from {resumed_from} (step {step})")
@@ -240,10 +274,13 @@ def _run(student, teacher, train_data, cfg: TrainConfig, val_data, tokenizer, ca
             return None
         n = len(val) if cfg.eval_batches is None else min(len(val), cfg.eval_batches * cfg.batch_size)
         sums = eval_sums(model, val, range(acc.process_index, n, acc.num_processes), cfg.batch_size, acc.autocast)
+        if fsdp:  # every process joins as many sharded forwards as the busiest one
+            batches = [math.ceil(len(range(r, n, acc.num_processes)) / cfg.batch_size) for r in range(acc.num_processes)]
+            idle_forwards(model, max(batches) - batches[acc.process_index], val.batch(torch.tensor([0]))[0].to(acc.device))
         m = metrics_from_sums(acc.reduce(sums, "sum"))
         row = {"step": at, "split": "val", "loss": m["loss"], "ce": m["loss"], "perplexity": m["perplexity"],
                "accuracy": m["accuracy"], "tokens": tokens}
-        log.log(row)
+        record(row)
         bar.print(f"step {at}: validation loss {m['loss']:.4f}, perplexity {m['perplexity']:.2f}, accuracy {m['accuracy']:.3f}")
         return m
 
@@ -258,14 +295,15 @@ def _run(student, teacher, train_data, cfg: TrainConfig, val_data, tokenizer, ca
         while step < total:
             t0 = time.perf_counter()
             micro = plan.micro_batches(step)
-            sums, n_global, t_s = _accumulate(acc, model, teacher, micro, weights, want_hidden, cfg.temperature)
+            sums, n_global, t_s = _accumulate(acc, model, teacher, micro, weights, want_hidden, cfg.temperature, fsdp)
             teacher_s += t_s
             loss = float(sums[0]) / max(n_global, 1.0)
             if not math.isfinite(loss):
                 raise _diverged("loss", loss, step + 1, out)
             grad_norm = None
             if cfg.max_grad_norm:
-                grad_norm = float(acc.clip_grad_norm_(trainable, cfg.max_grad_norm))
+                grad_norm = (clip_grad_norm(trainable, cfg.max_grad_norm) if fsdp
+                             else float(acc.clip_grad_norm_(trainable, cfg.max_grad_norm)))
                 if not math.isfinite(grad_norm):
                     raise _diverged("gradient norm", grad_norm, step + 1, out)
             lr = cfg.lr * lr_schedule(scheduler.last_epoch)  # the base lr (grouped weights get x grouped_lr_scale)
@@ -288,27 +326,33 @@ def _run(student, teacher, train_data, cfg: TrainConfig, val_data, tokenizer, ca
                 n = max(float(window[4]), 1.0)
                 row.update(loss=float(window[0]) / n, kl=float(window[1]) / n, ce=float(window[2]) / n, hidden=float(window[3]) / n,
                            tokens_per_s=window_tokens / max(window_s, 1e-9), elapsed_s=train_s, teacher_s=teacher_s)
-                log.log(row)
+                record(row)
                 window.zero_()
                 window_tokens, window_s = 0, 0.0
             if cfg.eval_every and step % cfg.eval_every == 0 and step < total:
                 last_val = validate(step)
             if save_every and step % save_every == 0 and step < total:
                 rngs = gather_object([rng_state()])
-                if acc.is_main_process:
-                    save_checkpoint(out, step, core, optimizer, scheduler, rngs,
-                                    {**run_state, "tokens": tokens, "train_s": train_s, "teacher_s": teacher_s}, cfg.keep_checkpoints)
+                extra = {**run_state, "tokens": tokens, "train_s": train_s, "teacher_s": teacher_s}
+                if fsdp:  # every process writes its shards
+                    save_sharded_checkpoint(out, step, model, optimizer, scheduler, rngs, extra, cfg.keep_checkpoints,
+                                            acc.is_main_process)
+                elif acc.is_main_process:
+                    save_checkpoint(out, step, core, optimizer, scheduler, rngs, extra, cfg.keep_checkpoints)
                 acc.wait_for_everyone()
             for cb in callbacks:
                 cb(step, row)
         last_val = validate(step)
     finally:
         bar.close()
+        trackers.finish(acc, cfg)
 
+    # FSDP: the whole trained model, gathered into a plain copy (the sharded one stays sharded)
+    whole = gather_into(skeleton, model) if fsdp else core
     # LoRA merged back: the result is the student's own architecture again
-    final = core.merge_and_unload() if mode == "lora" else core
-    for p in final.parameters():
-        p.requires_grad_(was_trainable.get(id(p), True))
+    final = whole.merge_and_unload() if mode == "lora" else whole
+    for n, p in final.named_parameters():
+        p.requires_grad_(was_trainable.get(id(p), trainable_by_name.get(n, True)))
     final.eval()
     if out is not None and acc.is_main_process:
         _publish(final, tokenizer, out)
@@ -318,9 +362,10 @@ def _run(student, teacher, train_data, cfg: TrainConfig, val_data, tokenizer, ca
     return TrainResult(final, step, tokens, log.rows, last_val, out, train_s, teacher_s)
 
 
-def _accumulate(acc, model, teacher, micro, weights, want_hidden: bool, temperature: float):
+def _accumulate(acc, model, teacher, micro, weights, want_hidden: bool, temperature: float, fsdp: bool = False):
     """Forward and backward over this process's micro-batches of one step; gradients are left
-    accumulated (synchronised across processes on the last micro-batch only).
+    accumulated (synchronised across processes on the last micro-batch only; FSDP reduce-scatters
+    every micro-batch into the sharded gradients, so that no process holds a whole gradient).
 
     Returns the step's summed ``[objective, kl, ce, hidden]`` over all processes, the number of
     counted tokens in the whole global batch, and the seconds spent in the teacher (its forward
@@ -335,7 +380,7 @@ def _accumulate(acc, model, teacher, micro, weights, want_hidden: bool, temperat
     for i, (ids, labels) in enumerate(micro):
         ids, labels = ids.to(acc.device), labels.to(acc.device)
         last = i == len(micro) - 1
-        with contextlib.nullcontext() if last else acc.no_sync(model):
+        with contextlib.nullcontext() if last or fsdp else acc.no_sync(model):
             with acc.autocast():
                 logits, hidden = model_outputs(model, ids, want_hidden)
                 target = t_hidden = None
