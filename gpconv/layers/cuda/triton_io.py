@@ -13,6 +13,10 @@ only through :func:`gpconv.layers.cuda.triton_route.kernels`, i.e. on the first 
 It imports nothing from gpconv, so that tests can load a second copy of it under
 ``TRITON_INTERPRET=1`` (tests/test_triton.py).
 
+The kernels use triton's builtins only (tl.full, not tl.zeros; no tl.cdiv): those two are jit
+functions of triton's own library, decorated when triton is imported, and would not run under an
+interpreter switched on after that (how tests/test_triton.py loads its copy).
+
 Tile sizes are autotuned per shape (a handful of GPU configs, keyed on the token-count bucket,
 oc, c and g; triton caches the winner in the process, and on disk with TRITON_CACHE_AUTOTUNING=1).
 Under the interpreter there is one small config, so nothing is benchmarked there.
@@ -32,7 +36,7 @@ def _configs(shapes):
     """``(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages)`` rows -> triton configs; one small config
     under the interpreter (every config would be run, on the CPU, to pick one)."""
     if INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_K": 16}, num_warps=1, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=1, num_stages=1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
             for m, n, k, w, s in shapes]
 
@@ -106,7 +110,7 @@ def _io_forward_kernel(x_ptr, perm_ptr, w_ptr, b_ptr, y_ptr, n, c, oc, g, n_buck
     pid = tl.program_id(0)
     j = pid % g
     rest = pid // g
-    n_tiles = tl.cdiv(oc, BLOCK_N)
+    n_tiles = (oc + BLOCK_N - 1) // BLOCK_N
     pid_n = rest % n_tiles
     pid_m = rest // n_tiles
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -115,7 +119,7 @@ def _io_forward_kernel(x_ptr, perm_ptr, w_ptr, b_ptr, y_ptr, n, c, oc, g, n_buck
     m_ok, n_ok = rm < n, rn < oc
     x_rows = x_ptr + rm.to(tl.int64)[:, None] * stride_xn  # (BLOCK_M, 1): int64, N * in may pass 2^31
     w_cols = w_ptr + (j * oc + rn)[None, :] * (2 * c)  # (1, BLOCK_N): row o of W[j] starts here
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, c, BLOCK_K):
         kk = k0 + rk
         k_ok = kk < c
@@ -182,7 +186,7 @@ def _io_dx_kernel(dy_ptr, w_ptr, dx_ptr, n, c, oc, g, n_bucket, stride_dyn, stri
     pid = tl.program_id(0)
     j = pid % g
     rest = pid // g
-    n_tiles = tl.cdiv(c, BLOCK_N)
+    n_tiles = (c + BLOCK_N - 1) // BLOCK_N
     pid_n = rest % n_tiles
     pid_m = rest // n_tiles
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -192,7 +196,7 @@ def _io_dx_kernel(dy_ptr, w_ptr, dx_ptr, n, c, oc, g, n_bucket, stride_dyn, stri
     dy_rows = dy_ptr + rm.to(tl.int64)[:, None] * stride_dyn + j * oc  # (BLOCK_M, 1): group j's outputs
     half = 0 if ACCUMULATE else c
     w_tile = w_ptr + j * oc * (2 * c) + half + rt[None, :]  # (1, BLOCK_N): W[j, 0, h*c + t]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, oc, BLOCK_K):
         ko = k0 + rk
         o_ok = ko < oc
@@ -227,10 +231,10 @@ def _io_dw_kernel(dy_ptr, x_ptr, dw_ptr, n, c, oc, g, n_bucket, stride_dyn, stri
     pid = tl.program_id(0)
     j = pid % g
     rest = pid // g
-    m_tiles = tl.cdiv(oc, BLOCK_M)
+    m_tiles = (oc + BLOCK_M - 1) // BLOCK_M
     pid_m = rest % m_tiles
     rest = rest // m_tiles
-    t_tiles = tl.cdiv(c, BLOCK_N)
+    t_tiles = (c + BLOCK_N - 1) // BLOCK_N
     h = rest // t_tiles  # 0: own half, 1: interleaved half
     pid_n = rest % t_tiles
     ro = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -238,7 +242,7 @@ def _io_dw_kernel(dy_ptr, x_ptr, dw_ptr, n, c, oc, g, n_bucket, stride_dyn, stri
     rk = tl.arange(0, BLOCK_K)
     o_ok, t_ok = ro < oc, rt < c
     cols = tl.where(h == 0, j * c + rt, rt * g + j)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(0, n, BLOCK_K):
         km = k0 + rk
         k_ok = km < n
