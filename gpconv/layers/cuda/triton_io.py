@@ -27,6 +27,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 from triton import knobs
 
 INTERPRET = bool(knobs.runtime.interpret)  # read when the kernels below are decorated, as triton does
@@ -56,6 +57,12 @@ def _prune(configs, named_args, **kwargs):
     n = named_args["n_bucket"]
     kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_M"] <= max(32, n)]
     return kept or [min(configs, key=lambda cfg: cfg.kwargs["BLOCK_M"])]
+
+
+def _bench(fn, quantiles):
+    """Autotuning's timer: 5 ms of warm-up and 25 ms of runs per config (triton's defaults, 25 and
+    100 ms, made the first call of each new shape cost seconds)."""
+    return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
 
 def _bucket(n: int) -> int:
@@ -90,7 +97,7 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.autotune(configs=_configs(_GEMM_SHAPES), key=["n_bucket", "oc", "c", "g"],
-                 prune_configs_by={"early_config_prune": _prune} if not INTERPRET else None)
+                 prune_configs_by={"early_config_prune": _prune} if not INTERPRET else None, do_bench=_bench)
 @triton.jit
 def _io_forward_kernel(x_ptr, perm_ptr, w_ptr, b_ptr, y_ptr, n, c, oc, g, n_bucket, stride_xn, stride_yn,
                        HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
@@ -169,7 +176,7 @@ def io_forward(x: torch.Tensor, weight: torch.Tensor, bias=None, perm=None) -> t
 
 @triton.autotune(configs=_configs(_GEMM_SHAPES), key=["n_bucket", "oc", "c", "g", "ACCUMULATE"],
                  prune_configs_by={"early_config_prune": _prune} if not INTERPRET else None,
-                 restore_value=["dx_ptr"])
+                 restore_value=["dx_ptr"], do_bench=_bench)
 @triton.jit
 def _io_dx_kernel(dy_ptr, w_ptr, dx_ptr, n, c, oc, g, n_bucket, stride_dyn, stride_dxn,
                   ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
@@ -216,7 +223,7 @@ def _io_dx_kernel(dy_ptr, w_ptr, dx_ptr, n, c, oc, g, n_bucket, stride_dyn, stri
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_configs(_DW_SHAPES), key=["n_bucket", "oc", "c", "g"])
+@triton.autotune(configs=_configs(_DW_SHAPES), key=["n_bucket", "oc", "c", "g"], do_bench=_bench)
 @triton.jit
 def _io_dw_kernel(dy_ptr, x_ptr, dw_ptr, n, c, oc, g, n_bucket, stride_dyn, stride_xn,
                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
