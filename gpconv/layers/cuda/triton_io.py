@@ -24,6 +24,8 @@ Under the interpreter there is one small config, so nothing is benchmarked there
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -31,6 +33,9 @@ import triton.testing
 from triton import knobs
 
 INTERPRET = bool(knobs.runtime.interpret)  # read when the kernels below are decorated, as triton does
+AUTOTUNE = os.environ.get("GPCONV_TRITON_AUTOTUNE", "1") != "0"
+"""False (GPCONV_TRITON_AUTOTUNE=0 when this module is imported): the first config of each list
+only - one compile per kernel variant instead of one per config (test runs, quick checks)."""
 
 
 def _configs(shapes):
@@ -39,7 +44,7 @@ def _configs(shapes):
     if INTERPRET:
         return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=1, num_stages=1)]
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in shapes]
+            for m, n, k, w, s in (shapes if AUTOTUNE else shapes[:1])]
 
 
 # Forward and dx: M = tokens, N = outputs (dx: inputs), K = the reduction. The 16/32-row tiles are
@@ -66,7 +71,8 @@ def _bench(fn, quantiles):
 
 
 def _bucket(n: int) -> int:
-    """Token counts keyed by power of two: autotuning once per bucket, not once per length."""
+    """Token counts keyed by power of two: autotuning once per bucket, not once per length (and the
+    kernels are not specialized on n either, ``do_not_specialize``: one compile serves every length)."""
     return 1 << max(4, (n - 1).bit_length())
 
 
@@ -98,7 +104,7 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 
 @triton.autotune(configs=_configs(_GEMM_SHAPES), key=["n_bucket", "oc", "c", "g"],
                  prune_configs_by={"early_config_prune": _prune} if not INTERPRET else None, do_bench=_bench)
-@triton.jit
+@triton.jit(do_not_specialize=["n", "n_bucket"])
 def _io_forward_kernel(x_ptr, perm_ptr, w_ptr, b_ptr, y_ptr, n, c, oc, g, n_bucket, stride_xn, stride_yn,
                        HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -177,7 +183,7 @@ def io_forward(x: torch.Tensor, weight: torch.Tensor, bias=None, perm=None) -> t
 @triton.autotune(configs=_configs(_GEMM_SHAPES), key=["n_bucket", "oc", "c", "g", "ACCUMULATE"],
                  prune_configs_by={"early_config_prune": _prune} if not INTERPRET else None,
                  restore_value=["dx_ptr"], do_bench=_bench)
-@triton.jit
+@triton.jit(do_not_specialize=["n", "n_bucket"])
 def _io_dx_kernel(dy_ptr, w_ptr, dx_ptr, n, c, oc, g, n_bucket, stride_dyn, stride_dxn,
                   ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -224,7 +230,7 @@ def _io_dx_kernel(dy_ptr, w_ptr, dx_ptr, n, c, oc, g, n_bucket, stride_dyn, stri
 
 
 @triton.autotune(configs=_configs(_DW_SHAPES), key=["n_bucket", "oc", "c", "g"], do_bench=_bench)
-@triton.jit
+@triton.jit(do_not_specialize=["n", "n_bucket"])
 def _io_dw_kernel(dy_ptr, x_ptr, dw_ptr, n, c, oc, g, n_bucket, stride_dyn, stride_xn,
                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     """``dW[j, o, h*c + t] = sum_m dy[m, j*oc + o] xp[m, col_h(t)]``, col_0 = j*c + t (own),
