@@ -223,3 +223,30 @@ def test_triton_is_the_ops_cuda_kernel(interpreted):
     assert triton_route.eager_dtype(x, w) is None and not triton_route.kernel_ok(x, w)
     for kernel in (interpreted._io_forward_kernel, interpreted._io_dx_kernel, interpreted._io_dw_kernel):
         assert type(kernel.fn).__name__ == "InterpretedFunction" and len(kernel.configs) == 1
+
+
+def test_triton_kernels_compile_for_a_hopper_gpu(monkeypatch):
+    """The kernels compile to sm_90 machine code (PTX and ptxas, no GPU needed): what the
+    interpreter does not check (constexpr branches, dot layouts, shared memory)."""
+    import triton  # why: optional dependency, skipped above without it
+    from triton.backends.compiler import GPUTarget  # why: the same
+    from triton.compiler import ASTSource  # why: the same
+
+    monkeypatch.delenv("TRITON_INTERPRET")  # the real module, compiled kernels (as on a GPU)
+    triton_io = triton_route.kernels()
+
+    def compile_(kernel, args, constexprs):
+        sig = {**{a: t for a, t in zip(kernel.fn.arg_names, args)}, **{k: "constexpr" for k in constexprs}}
+        src = ASTSource(fn=kernel.fn, signature=sig, constexprs=constexprs)
+        return triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "num_stages": 3})
+
+    tiles = dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=32)
+    ints = ["i32"] * 7  # n, c, oc, g, n_bucket and two row strides
+    try:
+        k = compile_(triton_io._io_forward_kernel, ["*bf16", "*i64", "*bf16", "*bf16", "*bf16", *ints],
+                     dict(HAS_PERM=True, HAS_BIAS=True, PRECISION="tf32", **tiles))
+    except (RuntimeError, FileNotFoundError) as e:  # a triton without its NVIDIA backend or ptxas
+        pytest.skip(f"triton cannot compile for sm_90 here: {e}")
+    assert k.metadata.shared > 0
+    compile_(triton_io._io_dx_kernel, ["*bf16"] * 3 + ints, dict(ACCUMULATE=True, PRECISION="tf32", **tiles))
+    compile_(triton_io._io_dw_kernel, ["*bf16"] * 3 + ints, dict(PRECISION="tf32", **tiles))
