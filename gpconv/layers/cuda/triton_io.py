@@ -24,15 +24,20 @@ Under the interpreter there is one small config, so nothing is benchmarked there
 
 from __future__ import annotations
 
+import inspect
 import os
 
 import torch
 import triton
 import triton.language as tl
 import triton.testing
-from triton import knobs
 
-INTERPRET = bool(knobs.runtime.interpret)  # read when the kernels below are decorated, as triton does
+try:  # read when the kernels below are decorated, as triton does
+    from triton import knobs
+
+    INTERPRET = bool(knobs.runtime.interpret)
+except ImportError:  # triton < 3.4 reads the variable itself
+    INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 AUTOTUNE = os.environ.get("GPCONV_TRITON_AUTOTUNE", "1") != "0"
 """False (GPCONV_TRITON_AUTOTUNE=0 when this module is imported): the first config of each list
 only - one compile per kernel variant instead of one per config (test runs, quick checks)."""
@@ -70,6 +75,10 @@ def _bench(fn, quantiles):
     return triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles)
 
 
+# the shorter timer where this triton's autotune takes one (3.9 does; older ones time with their defaults)
+_TUNE = {"do_bench": _bench} if "do_bench" in inspect.signature(triton.autotune).parameters else {}
+
+
 def _bucket(n: int) -> int:
     """Token counts keyed by power of two: autotuning once per bucket, not once per length (and the
     kernels are not specialized on n either, ``do_not_specialize``: one compile serves every length)."""
@@ -103,7 +112,7 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
 
 
 @triton.autotune(configs=_configs(_GEMM_SHAPES), key=["n_bucket", "oc", "c", "g"],
-                 prune_configs_by={"early_config_prune": _prune} if not INTERPRET else None, do_bench=_bench)
+                 prune_configs_by={"early_config_prune": _prune} if not INTERPRET else None, **_TUNE)
 @triton.jit(do_not_specialize=["n", "n_bucket"])
 def _io_forward_kernel(x_ptr, perm_ptr, w_ptr, b_ptr, y_ptr, n, c, oc, g, n_bucket, stride_xn, stride_yn,
                        HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
@@ -182,7 +191,7 @@ def io_forward(x: torch.Tensor, weight: torch.Tensor, bias=None, perm=None) -> t
 
 @triton.autotune(configs=_configs(_GEMM_SHAPES), key=["n_bucket", "oc", "c", "g", "ACCUMULATE"],
                  prune_configs_by={"early_config_prune": _prune} if not INTERPRET else None,
-                 restore_value=["dx_ptr"], do_bench=_bench)
+                 restore_value=["dx_ptr"], **_TUNE)
 @triton.jit(do_not_specialize=["n", "n_bucket"])
 def _io_dx_kernel(dy_ptr, w_ptr, dx_ptr, n, c, oc, g, n_bucket, stride_dyn, stride_dxn,
                   ACCUMULATE: tl.constexpr, PRECISION: tl.constexpr,
@@ -229,7 +238,7 @@ def _io_dx_kernel(dy_ptr, w_ptr, dx_ptr, n, c, oc, g, n_bucket, stride_dyn, stri
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.autotune(configs=_configs(_DW_SHAPES), key=["n_bucket", "oc", "c", "g"], do_bench=_bench)
+@triton.autotune(configs=_configs(_DW_SHAPES), key=["n_bucket", "oc", "c", "g"], **_TUNE)
 @triton.jit(do_not_specialize=["n", "n_bucket"])
 def _io_dw_kernel(dy_ptr, x_ptr, dw_ptr, n, c, oc, g, n_bucket, stride_dyn, stride_xn,
                   PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
