@@ -171,6 +171,8 @@ def io_forward(x: torch.Tensor, weight: torch.Tensor, bias=None, perm=None) -> t
     c = k // 2
     x = x if x.stride(1) == 1 else x.contiguous()  # rows may be strided, columns not
     w = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    perm = None if perm is None else perm.contiguous()
     y = torch.empty(n, g * oc, device=x.device, dtype=x.dtype)
     if n == 0:
         return y
