@@ -20,6 +20,7 @@ GPU's MMA with fp32 accumulation matches; float16 is multiplied as float16.
 import copy
 import importlib.util
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -250,3 +251,26 @@ def test_triton_kernels_compile_for_a_hopper_gpu(monkeypatch):
     assert k.metadata.shared > 0
     compile_(triton_io._io_dx_kernel, ["*bf16"] * 3 + ints, dict(ACCUMULATE=True, PRECISION="tf32", **tiles))
     compile_(triton_io._io_dw_kernel, ["*bf16"] * 3 + ints, dict(PRECISION="tf32", **tiles))
+
+
+def test_triton_absent_gpconv_imports_and_runs():
+    """Without triton (hidden from imports) gpconv imports, a block trains on the CPU, the ops
+    have no CUDA kernel of their own and the kernels module is never imported."""
+    code = """
+import sys
+sys.modules["triton"] = None  # as if triton were not installed
+import torch, gpconv
+from gpconv.layers import GroupedPointwiseBlock
+from gpconv.layers.cuda import triton_route
+b = GroupedPointwiseBlock(32, 48, 4, bias=True, rank=2)
+x = torch.randn(5, 32, requires_grad=True)
+b(x).sum().backward()
+assert x.grad is not None and b.weight.grad is not None
+print(triton_route.available(), torch._C._dispatch_has_kernel_for_dispatch_key("gpconv::io_block", "CUDA"),
+      "gpconv.layers.cuda.triton_io" in sys.modules)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["False", "False", "False"]

@@ -48,7 +48,7 @@ def eager_dtype(x: torch.Tensor, weight: torch.Tensor):
         return None
     if not (config.kernel_config().triton and available()):
         return None
-    if torch.is_autocast_enabled(x.device.type):
+    if torch.is_autocast_enabled(x.device.type) and x.dtype in DTYPES:  # autocast leaves float64 alone
         dtype = torch.get_autocast_dtype(x.device.type)
     else:
         dtype = x.dtype if x.dtype == weight.dtype else None
