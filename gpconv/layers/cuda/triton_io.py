@@ -126,8 +126,12 @@ def _io_forward_kernel(x_ptr, perm_ptr, w_ptr, b_ptr, y_ptr, n, c, oc, g, n_buck
 
     The program id runs over groups fastest: the g programs of one (token tile, output tile) are
     scheduled together, and the interleaved loads of all of them together read every column of
-    the same x rows, so the stride-g loads of one program hit the cache lines its neighbours
-    bring in (one x row tile is read from DRAM about once, not once per group).
+    the same x rows, so the stride-g loads of one program hit the L2 lines its neighbours bring
+    in (an x row tile is read from DRAM about once, not once per group). Each strided load still
+    moves a 32-byte sector per element from L2 (for g * itemsize >= 32): the interleaved operand
+    costs up to g times its size in L2 traffic. Loading it contiguously would take a program
+    that computes several consecutive groups at once (a batched 3-D dot over a
+    (groups, tokens, channels) tile whose innermost axis is the group); not done yet.
     """
     pid = tl.program_id(0)
     j = pid % g
