@@ -8,7 +8,6 @@ on the first call that runs a kernel, i.e. on the first CUDA call of a block.
 from __future__ import annotations
 
 import functools
-import importlib
 import importlib.util
 
 import torch
@@ -30,7 +29,9 @@ def available() -> bool:
 def kernels():
     """:mod:`gpconv.layers.cuda.triton_io`, imported on first use: importing it imports triton
     (optional, and about a second to import), which a CPU-only process never needs."""
-    return importlib.import_module(f"{__package__}.triton_io")
+    from . import triton_io  # why: it imports triton (optional, extra gpu) at its top; it imports nothing from gpconv
+
+    return triton_io
 
 
 def kernel_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
