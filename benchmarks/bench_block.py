@@ -7,6 +7,7 @@
     python benchmarks/bench_block.py --torch-copy         # also time the block without the C kernels
     python benchmarks/bench_block.py --two-gemm           # ... and with the native copies but not the fused forward
     python benchmarks/bench_block.py --device cuda --dtype bfloat16   # on a GPU (the issue's bf16 check)
+    python benchmarks/bench_block.py --device cuda --dtype bfloat16 --no-triton   # ... and the block without Triton
 
 For each shape (groups from the paper's rule at --min-channels-per-group), token count, and pass
 (forward = inference under no_grad; forward+backward = training step of one layer), dense and
@@ -35,6 +36,11 @@ the gradient kernels too): the default picks between the two by the group width 
 ``gpconv.layers.kernel_config()``), and these sides show what each would give.
 ``--unfused-dx`` adds the block with ``fused_backward=False`` (the backward's
 input gradient as two MKL GEMMs + the un-interleaving add instead of one io_dx call).
+
+On CUDA the ``grouped`` side is the default routing: the Triton kernels
+(gpconv/layers/cuda/triton_io.py) where triton is installed. ``--no-triton`` adds the block with
+``triton=False``: torch's grouped_mm over a gathered input for bfloat16, batched GEMMs otherwise.
+The first call of each shape autotunes the kernels' tiles; the warm-up call absorbs it.
 """
 
 from __future__ import annotations
@@ -108,6 +114,7 @@ VARIANTS = {  # extra sides: the same block under other kernel routing (gpconv.l
     "two-gemm": dict(fused_forward=False),
     "fused": dict(fused_max_out_per_group=1 << 30, fused_grad_max_out_per_group=1 << 30),
     "unfused-dx": dict(fused_backward=False),
+    "no-triton": dict(triton=False),
 }
 
 
@@ -237,6 +244,9 @@ def main(argv=None) -> int:
     ap.add_argument("--unfused-dx", action="store_true",
                     help="also time the block with the backward's input gradient as two MKL GEMMs + the "
                          "un-interleaving add instead of the fused io_dx kernel")
+    ap.add_argument("--no-triton", action="store_true",
+                    help="also time the block with the Triton kernels off (CUDA: grouped_mm for bfloat16, else "
+                         "batched GEMMs; no effect on a CPU)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--json", default=None, help="write rows + machine info to this file")

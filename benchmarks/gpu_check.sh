@@ -8,7 +8,8 @@
 # 1. CUDA tests: tests/test_cuda.py (blocks == dense == CPU path on CUDA, the Triton and grouped_mm
 #    paths == the bmm path, forward and gradients, save/load, bf16 training) and tests/test_ops.py.
 # 2. benchmarks/bench_block.py, bf16, Phi-3-mini's four shapes at 1,024 / 4,096 / 8,192 tokens:
-#    time and time/parameter ratios against the dense layer, forward and forward+backward.
+#    time and time/parameter ratios against the dense layer, forward and forward+backward, of the
+#    block on the Triton kernels and (--no-triton) on grouped_mm.
 # 3. A Phi-3-mini-shaped 4-layer model (random weights, built here), shrunk on the GPU to ~25% of
 #    its decoder parameters: gpconv bench prefill / decode against its dense original, with the
 #    dynamic cache and with the static cache + CUDA graphs; the surgery's time, and the time of a
@@ -70,10 +71,11 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'transform
  torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU')" 2>&1 | tee -a "$LOG"
 
 say "1. tests (CUDA ones skip without a GPU)"
-timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_ops.py 2>&1 | tail -15 >> "$LOG"
+# one tile config per Triton kernel here (a compile each, not one per config); step 2 autotunes
+GPCONV_TRITON_AUTOTUNE=0 timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_ops.py 2>&1 | tail -15 >> "$LOG"
 
 say "2. bench_block $DTYPE, Phi-3-mini shapes, tokens $TOKENS"
-timeout 120 $PY benchmarks/bench_block.py --device $DEVICE --dtype $DTYPE --tokens $TOKENS --reps $REPS \
+timeout 180 $PY benchmarks/bench_block.py --device $DEVICE --dtype $DTYPE --tokens $TOKENS --reps $REPS --no-triton \
   $([ "${SMOKE:-0}" = 1 ] && echo "--layers o_proj") --json "$OUT/bench_block_bf16.json" >> "$LOG" 2>&1
 
 say "3. a Phi-3-mini-shaped 4-layer model, random weights, shrunk to ~25% on $DEVICE"

@@ -91,19 +91,21 @@ def test_bench_precision_runs_both_precisions(tmp_path, monkeypatch, capsys):
 
 def test_bench_block_times_every_side(tmp_path):
     """bench_block.py at one Phi-3 shape on the many-token CPU path: dense, grouped, floor and the
-    block without the native kernels, in one run, with ratios computed from the same medians."""
+    block under other routings (native kernels off, ..., Triton off: the same CPU path here), in
+    one run, with ratios computed from the same medians."""
     import json
 
     bench = _script("bench_block")
     out = tmp_path / "block.json"
     assert bench.main(["--layers", "o_proj", "--tokens", "128", "--reps", "1", "--threads", "1",
-                       "--floor", "--torch-copy", "--two-gemm", "--fused", "--unfused-dx",
+                       "--floor", "--torch-copy", "--two-gemm", "--fused", "--unfused-dx", "--no-triton",
                        "--json", str(out)]) == 0
     rep = json.loads(out.read_text())
     assert [r["pass_"] for r in rep["rows"]] == ["forward", "forward+backward"]
     for r in rep["rows"]:
         assert r["groups"] == 12 and r["param_ratio"] == 2 / 12
-        assert set(r["samples_ms"]) == {"dense", "grouped", "floor", "torch-copy", "two-gemm", "fused", "unfused-dx"}
+        assert set(r["samples_ms"]) == {"dense", "grouped", "floor", "torch-copy", "two-gemm", "fused", "unfused-dx",
+                                        "no-triton"}
         assert r["time_over_param"] == pytest.approx(r["grouped_ms"] / r["dense_ms"] / r["param_ratio"])
         assert r["torch-copy_ms"] > 0 and r["floor_ms"] > 0
     assert rep["machine"]["native"] == gpconv.layers.native_status()

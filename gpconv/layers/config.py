@@ -53,8 +53,14 @@ class KernelConfig:
     """When the gradient kernels do not run: for groups of up to this many outputs, both dW GEMMs
     get contiguous operands (a transposed dY and a (g, N, c) interleaved copy); through strided
     views MKL took ~2x as long on down_proj's."""
+    triton: bool = True
+    """CUDA (bfloat16, float16, float32): the io block's forward, input and weight gradients on the
+    Triton kernels of ``gpconv.layers.cuda.triton_io`` (interleave folded into the loads, fp32
+    accumulation), eager calls and torch.compile alike. No effect where triton is not installed
+    (extra ``gpu``). False: the paths below (grouped_mm for bfloat16, else batched GEMMs)."""
     cuda_grouped_mm: bool = True
-    """CUDA bfloat16 (SM >= 8.0): the io block through ``torch.nn.functional.grouped_mm``."""
+    """CUDA bfloat16 (SM >= 8.0), where the Triton kernels do not run: the io block through
+    ``torch.nn.functional.grouped_mm``."""
     custom_ops: bool = True
     """Under torch.compile and torch.export the io block is one ``gpconv::io_block`` op, whose
     kernels (the C ones on a CPU) run inside the compiled graph. False: plain torch ops (a gather

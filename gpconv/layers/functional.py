@@ -9,7 +9,8 @@ On a 2-D input x (N, in) with g groups of c = in/g channels and weight (g, oc, K
 :func:`io_forward` picks a path per call: the CUDA grouped GEMM (bfloat16), the eager CPU paths
 of :mod:`gpconv.layers.cpu.dispatch` (C kernels, hand-written backward), or the plain
 differentiable torch ops below, which torch.compile, autocast and every other device take and
-which are the reference the faster paths are tested against.
+which are the reference the faster paths are tested against. The Triton kernels on CUDA are
+chosen one level up, by the block and the custom ops (:mod:`gpconv.layers.cuda.triton_route`).
 """
 
 from __future__ import annotations

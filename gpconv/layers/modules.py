@@ -25,7 +25,8 @@ from torch import nn
 from .config import kernel_config
 from .functional import grouped_forward, io_dense, io_forward
 from .grouping import interleave, interleave_index
-from .ops import io_reference, traced_gather_index
+from .cuda import triton_route
+from .ops import io_block_impl, io_reference, traced_gather_index
 
 VARIANTS = ("io", "chained", "hybrid", "lowrank")
 
@@ -287,6 +288,8 @@ class GroupedPointwiseBlock(nn.Module):
                     y = torch.ops.gpconv.io_block(x2, self.weight, self.bias, self.input_perm, a, b)
                 else:
                     y = io_reference(x2, self.weight, self.bias, self.input_perm, lowrank)
+            elif (dtype := triton_route.eager_dtype(x2, self.weight)) is not None:  # eager CUDA: Triton
+                y = self._triton(x2, lowrank, dtype)
             else:
                 y = io_forward(x2, self.weight, self.bias, self.groups, lambda: self.gather_index(x2.device),
                                self.input_perm, lowrank)
@@ -296,6 +299,19 @@ class GroupedPointwiseBlock(nn.Module):
             if self.bias is not None:
                 y = y + self.bias
         return y.view(*lead, self.out_features)
+
+    def _triton(self, x2: torch.Tensor, lowrank, dtype: torch.dtype) -> torch.Tensor:
+        """An eager call on the Triton kernels, every operand in ``dtype`` (autocast's, if on).
+        With autograd on it goes through ``gpconv::io_block``, whose registered autograd runs the
+        Triton gradients; inference calls the op's implementation without the dispatcher hop."""
+        def cast(t):  # autocast does not reach into a custom op: cast as it would for nn.Linear
+            return t if t is None or t.dtype == dtype else t.to(dtype)
+
+        a, b = lowrank or (None, None)
+        args = (cast(x2), cast(self.weight), cast(self.bias), self.input_perm, cast(a), cast(b))
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in args):
+            return torch.ops.gpconv.io_block(*args)
+        return io_block_impl(*args)
 
     # -- dense equivalent --------------------------------------------------------------------
 

@@ -8,14 +8,18 @@ C kernels' raw pointers.
     gpconv::io_grouped_grads(dy, xp, weight) -> (dxp, dweight)
         the grouped part's gradients, on xp = x[:, perm]
 
-Every device runs :func:`gpconv.layers.functional.io_forward` inside the forward op (on the CPU the
-C kernels where they apply, on CUDA bf16 the grouped GEMM; a device-specific kernel registered
-with ``io_block.register_kernel(device)`` replaces it there). The backward is written in torch ops
-around ``io_grouped_grads``, so AOTAutograd traces it.
+On CUDA (where triton is installed and ``KernelConfig.triton`` is on) both ops run the Triton
+kernels of :mod:`gpconv.layers.cuda.triton_io`, registered as their CUDA implementation
+(``register_kernel("cuda")``). Elsewhere the forward op runs
+:func:`gpconv.layers.functional.io_forward` (on the CPU the C kernels where they apply, on CUDA
+bf16 the grouped GEMM). The backward is written in torch ops around ``io_grouped_grads``, so
+AOTAutograd traces it.
 
-Eager calls do not go through the ops (a 1-token decode step costs ~30 us of Python around a ~5 us
-kernel, and the dispatcher would add to it): :class:`gpconv.layers.GroupedPointwiseBlock` calls
-them only while torch.compile or torch.export trace it. Both paths run the same functions.
+Eager CPU calls do not go through the ops (a 1-token decode step costs ~30 us of Python around a
+~5 us kernel, and the dispatcher would add to it): :class:`gpconv.layers.GroupedPointwiseBlock`
+calls them while torch.compile or torch.export trace it, and on eager calls that take the Triton
+kernels with autograd on (the op's autograd runs the Triton gradients). Both paths run the same
+functions.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from torch import Tensor
 
 from . import functional
 from .cpu import dispatch
+from .cuda import triton_route
 from .grouping import interleave_index
 
 _GATHER: dict = {}
@@ -53,15 +58,24 @@ def traced_gather_index(n_in: int, groups: int, perm: Optional[Tensor]) -> Tenso
     return idx if perm is None else perm[idx.to(perm.device)]
 
 
-@torch.library.custom_op("gpconv::io_block", mutates_args=())
-def io_block(x: Tensor, weight: Tensor, bias: Optional[Tensor], perm: Optional[Tensor],
-             lowrank_a: Optional[Tensor], lowrank_b: Optional[Tensor]) -> Tensor:
+def io_block_impl(x: Tensor, weight: Tensor, bias: Optional[Tensor], perm: Optional[Tensor],
+                  lowrank_a: Optional[Tensor], lowrank_b: Optional[Tensor]) -> Tensor:
+    """What ``gpconv::io_block`` computes, on every device (eager inference calls it directly)."""
     groups = weight.shape[0]
     lowrank = None if lowrank_a is None else (lowrank_a, lowrank_b)
     with torch.no_grad():  # the op's autograd is registered below: no graph inside it
-        y = functional.io_forward(x, weight, bias, groups, lambda: gather_index(x.shape[1], groups, perm, x.device),
-                                  perm, lowrank)
+        if triton_route.kernel_ok(x, weight):  # the grouped part in one Triton launch, the low-rank term by addmm
+            y = functional.add_lowrank(triton_route.kernels().io_forward(x, weight, bias, perm), x, lowrank)
+        else:
+            y = functional.io_forward(x, weight, bias, groups,
+                                      lambda: gather_index(x.shape[1], groups, perm, x.device), perm, lowrank)
     return y if y.is_contiguous() else y.contiguous()
+
+
+@torch.library.custom_op("gpconv::io_block", mutates_args=())
+def io_block(x: Tensor, weight: Tensor, bias: Optional[Tensor], perm: Optional[Tensor],
+             lowrank_a: Optional[Tensor], lowrank_b: Optional[Tensor]) -> Tensor:
+    return io_block_impl(x, weight, bias, perm, lowrank_a, lowrank_b)
 
 
 @io_block.register_fake
@@ -70,10 +84,24 @@ def _(x, weight, bias, perm, lowrank_a, lowrank_b):
     return x.new_empty(x.shape[0], g * oc)
 
 
-@torch.library.custom_op("gpconv::io_grouped_grads", mutates_args=())
-def io_grouped_grads(dy: Tensor, xp: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+def io_grouped_grads_impl(dy: Tensor, xp: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    """What ``gpconv::io_grouped_grads`` computes, on every device."""
+    if triton_route.kernel_ok(xp, weight) and dy.dtype == xp.dtype:
+        return triton_route.kernels().io_grads(dy, xp, weight)  # dx in two launches, dW in one
     dxp, dw = dispatch.io_grads(xp.contiguous(), weight.contiguous(), dy, True, True)
     return dxp.contiguous(), dw.contiguous()
+
+
+@torch.library.custom_op("gpconv::io_grouped_grads", mutates_args=())
+def io_grouped_grads(dy: Tensor, xp: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+    return io_grouped_grads_impl(dy, xp, weight)
+
+
+if triton_route.available():  # triton is optional: without it CUDA takes the ops' default implementations
+    # the Triton path as the ops' CUDA kernels: the dispatcher (and torch.compile's graphs) call them
+    # for CUDA tensors; each still falls back to the default path where kernel_ok says no
+    io_block.register_kernel("cuda")(io_block_impl)
+    io_grouped_grads.register_kernel("cuda")(io_grouped_grads_impl)
 
 
 @io_grouped_grads.register_fake
