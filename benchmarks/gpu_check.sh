@@ -32,12 +32,15 @@ LOG="$OUT/gpu_check.log"
 : > "$LOG"
 START=$SECONDS
 say() { echo "== [$((SECONDS - START)) s] $*" | tee -a "$LOG"; }
+# The whole check must end inside one 10-minute device call: every step's own time limit is also
+# cut to what is left of BUDGET seconds (the last steps get less when the first ones run long).
+cap() { local left=$((BUDGET - (SECONDS - START))); [ "$left" -lt 5 ] && left=5; echo $(( $1 < left ? $1 : left )); }
 
 if [ "${SMOKE:-0}" = 1 ]; then
   DEVICE=cpu; DTYPE=float32; TOKENS="32"; REPS=1; STEPS=2; BATCH=2; EVAL_EVERY=1; EVAL_BLOCKS=2; CALIB=4
   PHI3='{"hidden_size": 128, "intermediate_size": 384, "num_attention_heads": 4, "num_key_value_heads": 4,
          "vocab_size": 512, "num_hidden_layers": 4}'
-  PROMPT=16; NEW=4; MODEL=/tmp/gpu-check-smoke-teacher; MCPG_PHI3=16; LIMIT=300
+  PROMPT=16; NEW=4; MODEL=/tmp/gpu-check-smoke-teacher; MCPG_PHI3=16; LIMIT=300; BUDGET=${BUDGET:-100000}
   ALPACA=${ALPACA:?SMOKE needs ALPACA=file}; WIKI=${WIKI:?SMOKE needs WIKI=file}
   PY=${PY:-python3}
   rm -rf "$MODEL" && $PY - "$MODEL" <<'EOF'
@@ -50,7 +53,7 @@ byte_tokenizer().save_pretrained(sys.argv[1])  # a config-only directory: random
 EOF
 else
   DEVICE=cuda; DTYPE=bfloat16; TOKENS="1024 4096 8192"; REPS=7; STEPS=500; BATCH=64; EVAL_EVERY=50; EVAL_BLOCKS=16
-  CALIB=32; PROMPT=1024; NEW=128; MCPG_PHI3=256; LIMIT=330
+  CALIB=32; PROMPT=1024; NEW=128; MCPG_PHI3=256; LIMIT=330; BUDGET=${BUDGET:-570}
   PHI3='{"hidden_size": 3072, "intermediate_size": 8192, "num_attention_heads": 32, "num_key_value_heads": 32,
          "vocab_size": 32064, "num_hidden_layers": 4}'
   P2=${INPUTS:-.gpu/p2}; P1=${INPUTS_P1:-/root/gpconv-inputs}
@@ -72,10 +75,10 @@ $PY -c "import torch, transformers; print('torch', torch.__version__, 'transform
 
 say "1. tests (CUDA ones skip without a GPU)"
 # one tile config per Triton kernel here (a compile each, not one per config); step 2 autotunes
-GPCONV_TRITON_AUTOTUNE=0 timeout 120 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_ops.py 2>&1 | tail -15 >> "$LOG"
+GPCONV_TRITON_AUTOTUNE=0 timeout $(cap 120) $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py tests/test_ops.py 2>&1 | tail -15 >> "$LOG"
 
 say "2. bench_block $DTYPE, Phi-3-mini shapes, tokens $TOKENS"
-timeout 180 $PY benchmarks/bench_block.py --device $DEVICE --dtype $DTYPE --tokens $TOKENS --reps $REPS --no-triton \
+timeout $(cap 180) $PY benchmarks/bench_block.py --device $DEVICE --dtype $DTYPE --tokens $TOKENS --reps $REPS --no-triton \
   $([ "${SMOKE:-0}" = 1 ] && echo "--layers o_proj") --json "$OUT/bench_block_bf16.json" >> "$LOG" 2>&1
 
 say "3. a Phi-3-mini-shaped 4-layer model, random weights, shrunk to ~25% on $DEVICE"
@@ -89,18 +92,18 @@ Phi3Config(**json.loads(sys.argv[1]), max_position_embeddings=4096, original_max
 byte_tokenizer().save_pretrained("/tmp/phi3-4l")  # calibration text for the hybrid fit (its ids fit any vocabulary)
 EOF
 t0=$SECONDS
-timeout 120 $PY -m gpconv_cli shrink /tmp/phi3-4l --out /tmp/phi3-4l-kphi3 --target-params 0.25 -m $MCPG_PHI3 --dtype $DTYPE \
+timeout $(cap 120) $PY -m gpconv_cli shrink /tmp/phi3-4l --out /tmp/phi3-4l-kphi3 --target-params 0.25 -m $MCPG_PHI3 --dtype $DTYPE \
   --device $DEVICE --json > /tmp/phi3-4l-report.json 2>> "$LOG"
 t_shrink=$((SECONDS - t0))
 for mode in dynamic static; do
   f="$OUT/bench_phi3mini4l.json"; extra=""
   [ $mode = static ] && { f="$OUT/bench_phi3mini4l_static.json"; extra="--static-cache"; }
-  timeout 150 $PY -m gpconv_cli bench /tmp/phi3-4l-kphi3 --device $DEVICE --dtype $DTYPE --prompt-len $PROMPT \
+  timeout $(cap 150) $PY -m gpconv_cli bench /tmp/phi3-4l-kphi3 --device $DEVICE --dtype $DTYPE --prompt-len $PROMPT \
     --new-tokens $NEW --repeats 3 --no-memory $extra --json > "$f" 2>> "$LOG"
   [ -s "$f" ] && $PY -c "import json; r = json.load(open('$f'))['ratios']; print('$mode', {k: round(v, 3) for k, v in r.items()})" >> "$LOG" 2>&1
 done
 t0=$SECONDS
-timeout 150 $PY -m gpconv_cli shrink /tmp/phi3-4l --out /tmp/phi3-4l-hybrid -m $MCPG_PHI3 --variant hybrid --init fit --permute \
+timeout $(cap 150) $PY -m gpconv_cli shrink /tmp/phi3-4l --out /tmp/phi3-4l-hybrid -m $MCPG_PHI3 --variant hybrid --init fit --permute \
   --sequential --calibration-data "$ALPACA" --calibration-blocks 16 --calibration-block-size 128 --dtype float32 \
   --device $DEVICE --json > /dev/null 2>> "$LOG"
 rc_hybrid=$?
@@ -109,7 +112,7 @@ t_hybrid=$((SECONDS - t0))
 say "4. recovery at 25%: hybrid-permute, svd, depth, $STEPS steps x $BATCH x 128 tokens each, side by side"
 for m in hybrid-permute svd depth; do
   rm -rf "/tmp/rec-$m"
-  timeout "$LIMIT" $PY benchmarks/compare.py --model "$MODEL" --alpaca "$ALPACA" --wikitext "$WIKI" --device $DEVICE \
+  timeout "$(cap $LIMIT)" $PY benchmarks/compare.py --model "$MODEL" --alpaca "$ALPACA" --wikitext "$WIKI" --device $DEVICE \
     --fractions 0.25 --methods $m --steps $STEPS --batch-size $BATCH --lr 1e-3 --block-size 128 --eval-blocks $EVAL_BLOCKS \
     --calib-blocks $CALIB --eval-every $EVAL_EVERY --out "/tmp/rec-$m" > "/tmp/rec-$m.log" 2>&1 &
 done
