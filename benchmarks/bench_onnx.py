@@ -61,6 +61,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads and torch threads")
     ap.add_argument("--no-compile", action="store_true", help="skip PyTorch eager vs torch.compile")
+    ap.add_argument("--no-optimize", action="store_true", help="export without the ONNX optimizer (gpconv export --no-optimize)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
     if args.threads:
@@ -74,13 +75,13 @@ def main(argv=None) -> int:
     ids = torch.randint(1, min(vocab, 32000), (1, args.prompt_len + args.new_tokens), generator=torch.Generator().manual_seed(0))
     result = {"model": args.model, "min_channels_per_group": args.min_channels_per_group, "variant": args.variant,
               "prompt_len": args.prompt_len, "new_tokens": args.new_tokens, "repeats": args.repeats,
-              "threads": args.threads, "params": params, "machine": machine_info()}
+              "threads": args.threads, "optimize": not args.no_optimize, "params": params, "machine": machine_info()}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         sizes = {}
         for name, m in (("dense", dense), ("shrunk", shrunk)):
             t0 = time.perf_counter()
-            gpconv.export(m, tmp / name)
+            gpconv.export(m, tmp / name, optimize=not args.no_optimize)
             print(f"exported {name} in {time.perf_counter() - t0:.1f} s", flush=True)
             sizes[name] = sum(f.stat().st_size for f in (tmp / name).glob("model.onnx*"))
         gpconv.save_pretrained(shrunk, tmp / "shrunk-safetensors")
@@ -113,7 +114,8 @@ def main(argv=None) -> int:
         "ort_decode": ort["shrunk"]["decode_tokens_per_s"] / ort["dense"]["decode_tokens_per_s"],
     }
     print(f"{args.model} -m {args.min_channels_per_group} ({args.variant}), prompt {args.prompt_len}, decode "
-          f"{args.new_tokens}, ONNX Runtime threads {args.threads or 'default'}, {args.repeats} rounds (medians)")
+          f"{args.new_tokens}, ONNX Runtime threads {args.threads or 'default'}, optimizer {'off' if args.no_optimize else 'on'}, "
+          f"{args.repeats} rounds (medians)")
     print(f"  parameters          dense {params['dense']:,}  shrunk {params['shrunk']:,}  ratio {result['ratios']['params']:.3f}")
     print(f"  model.onnx bytes    dense {sizes['dense']:,}  shrunk {sizes['shrunk']:,}  ratio {result['ratios']['onnx_bytes']:.3f}"
           f"  (shrunk onnx / safetensors {result['ratios']['onnx_over_safetensors']:.3f})")

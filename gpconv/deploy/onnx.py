@@ -52,7 +52,6 @@ EXPORT_FILE = "gpconv_export.json"
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_BYTES = 1 << 30  # weights above this go to model.onnx.data (protobuf stops at 2 GiB)
 FORMATS = ("onnx",)
-OPTIMIZE = False
 
 
 KEEP_INPUT = "logits_to_keep"
@@ -189,12 +188,15 @@ def _probe(model, decoder_kwargs) -> dict:
 
 
 def export_onnx(model: nn.Module, out: str | os.PathLike, tokenizer=None, *, dtype="float32", overwrite: bool = False,
-                max_len: int | None = None, say=None) -> Path:
+                max_len: int | None = None, optimize: bool = True, say=None) -> Path:
     """Write ``model`` to ``out`` as ONNX with its tokenizer and generation config; returns ``out``.
 
     ``dtype``: the exported weights' dtype (float32 by default: ONNX Runtime's CPU kernels are
     fp32). ``max_len``: the largest past + sequence length the graph accepts (default the
-    model's max_position_embeddings). Nothing is written unless the whole export succeeds.
+    model's max_position_embeddings). ``optimize``: simplify the graph with the ONNX optimizer
+    (onnxscript) before it is written: SmolLM2 at ``-m 64`` decoded 1.52x instead of 1.24x as fast
+    as its dense export in ONNX Runtime, for an export of ~6 minutes instead of ~2 on a 2-core CPU.
+    Nothing is written unless the whole export succeeds.
     """
     check_exportable(model)
     out = check_output_dir(out, overwrite)
@@ -210,7 +212,7 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, tokenizer=None, *, dty
             # the eager attention's graph (an additive mask, one softmax) ran faster in ONNX Runtime
             # than sdpa's translation (SmolLM2, 512 tokens: 836 against 992 ms per prefill)
             model.set_attn_implementation("eager")
-        return _export(model, out, tokenizer, overwrite, max_len, say)
+        return _export(model, out, tokenizer, overwrite, max_len, optimize, say)
     finally:  # the caller's model as it was
         if td is not None and was is not None and td != was:
             model.to(was)
@@ -219,7 +221,7 @@ def export_onnx(model: nn.Module, out: str | os.PathLike, tokenizer=None, *, dty
         model.train(was_training)
 
 
-def _export(model, out: Path, tokenizer, overwrite: bool, max_len, say) -> Path:
+def _export(model, out: Path, tokenizer, overwrite: bool, max_len, optimize: bool, say) -> Path:
     cache_arg = _cache_arg(model)
     info = _probe(model, cache_arg)
     last = _last_logits_match(model, cache_arg)
@@ -251,7 +253,7 @@ def _export(model, out: Path, tokenizer, overwrite: bool, max_len, say) -> Path:
             program = torch.onnx.export(_Decoder(model, n_layers, cache_arg, last).eval(), (ids, mask, pos, *past),
                                         dynamic_shapes=shapes, input_names=inputs,
                                         output_names=outputs + ([_HIDDEN_OUTPUT] if last else []), dynamo=True,
-                                        external_data=False, verbose=False, optimize=OPTIMIZE)
+                                        external_data=False, verbose=False, optimize=optimize)
     except GPConvError:
         raise
     except Exception as e:  # torch.export / the translator refused this architecture
@@ -290,7 +292,7 @@ def _save_proto(proto, path: Path, external: bool) -> None:
 
 
 def export(model, out: str | os.PathLike, *, format: str = "onnx", tokenizer=None, dtype="float32",
-           overwrite: bool = False, max_len: int | None = None, say=None) -> Path:
+           overwrite: bool = False, max_len: int | None = None, optimize: bool = True, say=None) -> Path:
     """Export a model (a loaded one, or any model spec ``gpconv.load_model`` takes: a gpconv
     checkpoint directory, a built-in name, ...) for a deployment runtime; returns the output directory.
 
@@ -305,4 +307,5 @@ def export(model, out: str | os.PathLike, *, format: str = "onnx", tokenizer=Non
     if isinstance(model, (str, os.PathLike)):
         model, loaded_tok = load_model(str(model))
         tokenizer = tokenizer if tokenizer is not None else loaded_tok
-    return export_onnx(model, out, tokenizer, dtype=dtype, overwrite=overwrite, max_len=max_len, say=say)
+    return export_onnx(model, out, tokenizer, dtype=dtype, overwrite=overwrite, max_len=max_len, optimize=optimize,
+                       say=say)
