@@ -2,6 +2,7 @@
 a sharded run SIGKILLed mid-way resumes from its DCP checkpoint to the uninterrupted result.
 The run itself is tests/recovery_child.py."""
 
+import contextlib
 import io
 import json
 import os
@@ -96,11 +97,37 @@ def test_fsdp_lora_matches_one_process(tmp_path):
         assert x[:2] == y[:2] and x[2] == pytest.approx(y[2], rel=1e-5)
 
 
+def _ranks_of(out) -> list[int]:
+    """PIDs of the training ranks writing to ``out`` (from /proc: torchrun starts each rank in a
+    session of its own, so killing torchrun's process group does not reach them)."""
+    needle, pids = str(out).encode(), []
+    for d in Path("/proc").glob("[0-9]*"):
+        try:
+            cmd = (d / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"recovery_child" in cmd and needle + b"\0" in cmd:
+            pids.append(int(d.name))
+    return pids
+
+
+def _kill_ranks(out) -> None:
+    """SIGKILL the ranks as well (a machine losing power loses them too) and wait until they are
+    gone, so that the resumed run is the only writer of ``out``."""
+    deadline = time.time() + 30
+    while pids := _ranks_of(out):
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        assert time.time() < deadline, f"ranks {pids} outlived SIGKILL"
+        time.sleep(0.1)
+
+
 @pytest.mark.slow
 def test_fsdp_sigkill_then_resume_matches_uninterrupted(tmp_path, sharded_run):
     out = tmp_path / "killed"
     log = (tmp_path / "child.log").open("w")  # a file, not a pipe: a full pipe would block the child
-    # a session of its own: the kill reaches torchrun and both ranks
+    # a session of its own for torchrun; its ranks have their own sessions (killed by _kill_ranks)
     p = subprocess.Popen(list(map(str, _torchrun(out, *FSDP_ARGS, "--pause-at", 10))), env=_env(),
                          stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     marker = Path(str(out) + ".paused")
@@ -113,6 +140,7 @@ def test_fsdp_sigkill_then_resume_matches_uninterrupted(tmp_path, sharded_run):
     finally:
         os.killpg(p.pid, signal.SIGKILL)  # mid-run: after step 10, checkpoints at 4 and 8 on disk
         p.wait(timeout=30)
+        _kill_ranks(out)
         log.close()
     assert not (out / "model.safetensors").exists()
     ckpts = out / "checkpoints"
