@@ -33,6 +33,15 @@ def _block(n_in, n_out, g, variant, rank, seed=0):
     return b
 
 
+def _forward_backward(block, x):
+    """y, dx and every parameter's gradient (float32) of one forward + backward of ``block`` on ``x``."""
+    block.zero_grad(set_to_none=True)
+    x.grad = None
+    y = block(x)
+    y.float().square().sum().backward()
+    return y.float(), x.grad.float(), [p.grad.float() for p in block.parameters()]
+
+
 @pytest.mark.parametrize("n_in, n_out, g, variant, rank", CASES)
 @pytest.mark.parametrize("tokens", [1, 7, 300])  # decode, few tokens, many tokens
 def test_cuda_fp32_matches_dense_and_cpu(n_in, n_out, g, variant, rank, tokens):
@@ -56,11 +65,7 @@ def test_cuda_bf16_grouped_mm_matches_bmm_path(n_in, n_out, g, variant, rank, mo
 
     def run(flag):
         route(monkeypatch, cuda_grouped_mm=flag, triton=False)  # grouped_mm against bmm, the Triton path off
-        b.zero_grad(set_to_none=True)
-        x.grad = None
-        y = b(x)
-        y.float().square().sum().backward()
-        return y.float(), x.grad.float(), [p.grad.float() for p in b.parameters()]
+        return _forward_backward(b, x)
 
     y1, dx1, dw1 = run(True)
     y0, dx0, dw0 = run(False)
@@ -219,11 +224,7 @@ def test_cuda_triton_block_forward_backward_matches_grouped_mm_and_dense(n_in, n
 
     def run(flag):
         route(monkeypatch, triton=flag)
-        b.zero_grad(set_to_none=True)
-        x.grad = None
-        y = b(x)
-        y.float().square().sum().backward()
-        return y.float(), x.grad.float(), [p.grad.float() for p in b.parameters()]
+        return _forward_backward(b, x)
 
     y1, dx1, dw1 = run(True)
     assert calls == ["forward", "grads"]

@@ -12,21 +12,11 @@ from gpconv import GPConvConfig, GPConvError, TrainConfig, build_datasets, disti
 from gpconv.hub import tiny_phi3
 from gpconv.recovery import trackers
 from gpconv.recovery.fsdp import decoder_layers, wants_fsdp
+from test_train import data  # noqa: F401  (the same small instruction data, a module fixture)
 
 SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    words = "apple pear plum fig kiwi lime date lemon".split()
-    rows = [{"instruction": f"Repeat {words[i % 8]}", "response": " ".join([words[i % 8]] * (1 + i % 3))} for i in range(40)]
-    f = tmp_path_factory.mktemp("data") / "d.jsonl"
-    f.write_text("\n".join(json.dumps(r) for r in rows))
-    tok = gpconv.hub.byte_tokenizer()
-    tr, va = build_datasets(str(f), tok, block_size=32, val_size=6)
-    return tr, va, tok
 
 
 def _scalars(run_dir):

@@ -106,6 +106,15 @@ def _dot(a, b, acc, PRECISION: tl.constexpr):
         return tl.dot(a, b, acc, input_precision=PRECISION)
 
 
+@triton.jit
+def _group_tile(pid, g, cols, BLOCK: tl.constexpr):
+    """A program id -> (group, tile of ``cols`` columns, what is left): groups run fastest, so
+    that the g programs of one tile run side by side and share their strided reads of x in L2."""
+    rest = pid // g
+    n_tiles = (cols + BLOCK - 1) // BLOCK
+    return pid % g, rest % n_tiles, rest // n_tiles
+
+
 # ---------------------------------------------------------------------------------------------
 # forward
 # ---------------------------------------------------------------------------------------------
@@ -133,12 +142,7 @@ def _io_forward_kernel(x_ptr, perm_ptr, w_ptr, b_ptr, y_ptr, n, c, oc, g, n_buck
     that computes several consecutive groups at once (a batched 3-D dot over a
     (groups, tokens, channels) tile whose innermost axis is the group); not done yet.
     """
-    pid = tl.program_id(0)
-    j = pid % g
-    rest = pid // g
-    n_tiles = (oc + BLOCK_N - 1) // BLOCK_N
-    pid_n = rest % n_tiles
-    pid_m = rest // n_tiles
+    j, pid_n, pid_m = _group_tile(tl.program_id(0), g, oc, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -211,12 +215,7 @@ def _io_dx_kernel(dy_ptr, w_ptr, dx_ptr, n, c, oc, g, n_bucket, stride_dyn, stri
     K = oc, and each program owns its columns (no atomics). The strided half is stored first, so
     that the read-modify-write pass is the contiguous one.
     """
-    pid = tl.program_id(0)
-    j = pid % g
-    rest = pid // g
-    n_tiles = (c + BLOCK_N - 1) // BLOCK_N
-    pid_n = rest % n_tiles
-    pid_m = rest // n_tiles
+    j, pid_n, pid_m = _group_tile(tl.program_id(0), g, c, BLOCK_N)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rt = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
@@ -256,12 +255,7 @@ def _io_dw_kernel(dy_ptr, x_ptr, dw_ptr, n, c, oc, g, n_bucket, stride_dyn, stri
     (BLOCK_K, BLOCK_N) read at stride 1 (own) or g (interleaved) straight from xp. Groups run
     fastest in the program id, for the same cache sharing of the strided x reads as the forward.
     """
-    pid = tl.program_id(0)
-    j = pid % g
-    rest = pid // g
-    m_tiles = (oc + BLOCK_M - 1) // BLOCK_M
-    pid_m = rest % m_tiles
-    rest = rest // m_tiles
+    j, pid_m, rest = _group_tile(tl.program_id(0), g, oc, BLOCK_M)
     t_tiles = (c + BLOCK_N - 1) // BLOCK_N
     h = rest // t_tiles  # 0: own half, 1: interleaved half
     pid_n = rest % t_tiles
