@@ -50,6 +50,21 @@ def _torch_times(model, ids: torch.Tensor, prompt_len: int, new_tokens: int) -> 
     return run_once(model, ids, prompt_len, new_tokens)
 
 
+def _rounds(sides: dict, args) -> dict:
+    """Each side's (prefill s, decode s) timer run ``args.repeats`` times, the sides interleaved
+    in every round (after a warm-up round), reduced to median tokens/s."""
+    times = {k: ([], []) for k in sides}
+    for r in range(args.repeats + 1):  # round 0 warms up
+        for k, timer in sides.items():
+            pf, dc = timer()
+            if r:
+                times[k][0].append(pf)
+                times[k][1].append(dc)
+    return {k: {"prefill_tokens_per_s": args.prompt_len / statistics.median(v[0]),
+                "decode_tokens_per_s": args.new_tokens / statistics.median(v[1]), "prefill_s": v[0], "decode_s": v[1]}
+            for k, v in times.items()}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="smollm2-135m-instruct")
@@ -95,16 +110,8 @@ def main(argv=None) -> int:
             with torch.no_grad():
                 ref = m(ids[:, :32]).logits.numpy()
             result[f"{k}_max_logit_diff"] = float(np.abs(sessions[k].logits(check) - ref).max())
-        times = {k: ([], []) for k in sessions}
-        for r in range(args.repeats + 1):  # round 0 warms up
-            for k, lm in sessions.items():
-                pf, dc = _ort_times(lm, ids.numpy(), args.prompt_len, args.new_tokens)
-                if r:
-                    times[k][0].append(pf)
-                    times[k][1].append(dc)
-    ort = {k: {"prefill_tokens_per_s": args.prompt_len / statistics.median(v[0]),
-               "decode_tokens_per_s": args.new_tokens / statistics.median(v[1]), "prefill_s": v[0], "decode_s": v[1]}
-           for k, v in times.items()}
+        ort = _rounds({k: (lambda lm=lm: _ort_times(lm, ids.numpy(), args.prompt_len, args.new_tokens))
+                       for k, lm in sessions.items()}, args)
     result["onnxruntime"] = ort
     result["ratios"] = {
         "params": params["shrunk"] / params["dense"],
@@ -126,19 +133,11 @@ def main(argv=None) -> int:
     if not args.no_compile:
         eager = shrunk
         compiled = torch.compile(copy.deepcopy(shrunk), dynamic=True)
-        ct = {"eager": ([], []), "compile": ([], [])}
         t0 = time.perf_counter()
         _torch_times(compiled, ids, args.prompt_len, args.new_tokens)  # compilation
         result["compile_s"] = time.perf_counter() - t0
-        for r in range(args.repeats + 1):
-            for k, m in (("eager", eager), ("compile", compiled)):
-                pf, dc = _torch_times(m, ids, args.prompt_len, args.new_tokens)
-                if r:
-                    ct[k][0].append(pf)
-                    ct[k][1].append(dc)
-        tch = {k: {"prefill_tokens_per_s": args.prompt_len / statistics.median(v[0]),
-                   "decode_tokens_per_s": args.new_tokens / statistics.median(v[1]), "prefill_s": v[0], "decode_s": v[1]}
-               for k, v in ct.items()}
+        tch = _rounds({k: (lambda m=m: _torch_times(m, ids, args.prompt_len, args.new_tokens))
+                       for k, m in (("eager", eager), ("compile", compiled))}, args)
         result["torch"] = tch
         result["ratios"]["compile_prefill"] = tch["compile"]["prefill_tokens_per_s"] / tch["eager"]["prefill_tokens_per_s"]
         result["ratios"]["compile_decode"] = tch["compile"]["decode_tokens_per_s"] / tch["eager"]["decode_tokens_per_s"]
