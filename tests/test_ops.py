@@ -59,6 +59,22 @@ def test_io_block_op_gradients_equal_the_eager_blocks(n_in, n_out, g, n):
     torch.library.opcheck(torch.ops.gpconv.io_grouped_grads.default, (dy, xp, b.weight.detach()))
 
 
+def test_gather_index_cache_is_not_fooled_by_reused_memory():
+    """A new permutation tensor in a freed one's memory (same address, version 0 again) gets its
+    own index, not the cached one of the tensor that lived there."""
+    import numpy as np
+
+    from gpconv.layers import ops
+
+    arr = np.random.default_rng(0).permutation(16)
+    first = torch.from_numpy(arr)
+    assert torch.equal(ops.gather_index(16, 4, first, "cpu"), ops.traced_gather_index(16, 4, first))
+    arr[:] = np.roll(arr, 1)  # other contents, written where no version counter sees it
+    second = torch.from_numpy(arr)
+    assert second.data_ptr() == first.data_ptr() and second._version == first._version
+    assert torch.equal(ops.gather_index(16, 4, second, "cpu"), ops.traced_gather_index(16, 4, second))
+
+
 def test_fake_implementation_gives_shapes_without_data():
     from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -24,6 +24,7 @@ functions.
 
 from __future__ import annotations
 
+import weakref
 from typing import Optional
 
 import torch
@@ -41,11 +42,15 @@ def gather_index(n_in: int, groups: int, perm: Optional[Tensor], device) -> Tens
     """The io block's ``(g, 2c)`` input channels [own group | interleaved group], through ``perm``;
     cached per shape, device and permutation version (eager code: the ops' implementations)."""
     key = (n_in, groups, str(device), None if perm is None else (perm.data_ptr(), perm._version))
-    idx = _GATHER.get(key)
-    if idx is None:
-        if len(_GATHER) > 256:  # models come and go; the cache must not grow without bound
-            _GATHER.clear()
-        idx = _GATHER[key] = traced_gather_index(n_in, groups, perm).to(device)
+    hit = _GATHER.get(key)
+    # a freed permutation's memory may hold the next model's, at version 0 again: an entry counts
+    # only for the very tensor it was built from
+    if hit is not None and (perm is None or hit[0]() is perm):
+        return hit[1]
+    if len(_GATHER) > 256:  # models come and go; the cache must not grow without bound
+        _GATHER.clear()
+    idx = traced_gather_index(n_in, groups, perm).to(device)
+    _GATHER[key] = (None if perm is None else weakref.ref(perm), idx)
     return idx
 
 
