@@ -119,7 +119,7 @@ def _read_local(path: Path) -> list[dict]:
         try:
             return pq.read_table(path).to_pylist()
         except (pyarrow.ArrowException, OSError) as e:
-            raise GPConvError(f"cannot read {path}: {str(e).strip().splitlines()[0]}") from None
+            raise GPConvError(f"cannot read {path}: {first_line(e)}") from None
     text = _read_text(path)
     if suffix == ".txt":
         # Paragraphs (split at blank lines) are the records, so a text file can be split into
@@ -176,8 +176,7 @@ def _hub(path: str, name: str | None, split: str, streaming: bool):
     try:
         return load_dataset(path, name, split=split, streaming=streaming)
     except Exception as e:  # offline, unknown id, gated: one line, not a traceback
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise GPConvError(f"cannot load dataset {path!r}: {first}") from None
+        raise GPConvError(f"cannot load dataset {path!r}: {first_line(e)}") from None
 
 
 def _columns(ds) -> list[str]:

@@ -56,7 +56,7 @@ class OnnxCausalLM:
         try:
             self.session = ort.InferenceSession(str(self.path / MODEL_FILE), opts, providers=list(providers))
         except Exception as e:  # a truncated or foreign file
-            raise GPConvError(f"ONNX Runtime cannot load {self.path / MODEL_FILE}: {str(e).strip().splitlines()[0]}") from None
+            raise GPConvError(f"ONNX Runtime cannot load {self.path / MODEL_FILE}: {first_line(e)}") from None
         self.dtype = np.float16 if self.meta["dtype"] == "float16" else np.float32
         gen = self.path / "generation_config.json"
         self.generation = json.loads(gen.read_text()) if gen.is_file() else {}

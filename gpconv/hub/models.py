@@ -196,15 +196,20 @@ def load_config(spec: str):
     if spec.endswith(".gguf"):
         return _gguf_config(Path(spec))
     if Path(spec).is_dir():
-        if not (Path(spec) / "config.json").is_file():
-            raise GPConvError(f"{spec} is a directory without config.json; not a model directory")
-        read_config(Path(spec))  # JSON, or a one-line error naming the file
+        _dir_config(spec, Path(spec))
     _check_local(spec)
     try:
         with quiet():
             return AutoConfig.from_pretrained(spec)
     except (OSError, *CONFIG_ERRORS) as e:
         raise GPConvError(f"cannot load a config for {spec!r}: {one_line(e)}") from None
+
+
+def _dir_config(spec: str, path: Path) -> dict:
+    """A model directory's config.json as a dict, or one line: there is none, or it is not JSON."""
+    if not (path / "config.json").is_file():
+        raise GPConvError(f"{spec} is a directory without config.json; not a model directory")
+    return read_config(path)
 
 
 def _gguf_config(path: Path):
@@ -242,9 +247,7 @@ def load_model(spec: str, dtype=None, meta: bool = False, need_weights: bool = F
     if path.is_dir():
         if is_gpconv_dir(path):
             return from_pretrained(path, dtype=dtype), load_tokenizer(path)
-        if not (path / "config.json").is_file():
-            raise GPConvError(f"{spec} is a directory without config.json; not a model directory")
-        read_config(path)  # JSON, or a one-line error naming the file
+        _dir_config(spec, path)
         if any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").is_file():
             weight_files(path)  # every shard there and whole, before transformers reads them
         if not has_weights(path):

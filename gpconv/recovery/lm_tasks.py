@@ -21,6 +21,7 @@ import yaml
 from torch import nn
 
 from ..errors import GPConvError
+from ..hfutil import first_line
 
 _MISSING = "lm-eval tasks need lm-eval-harness: pip install 'gpconv[eval]'  (or: pip install lm-eval)"
 
@@ -38,7 +39,7 @@ def _yaml_task_name(path: Path) -> str | None:
     try:
         cfg = yaml.load(path.read_text(), Loader=_TaskYamlLoader)
     except (OSError, yaml.YAMLError) as e:
-        raise GPConvError(f"cannot read task YAML {path}: {str(e).splitlines()[0]}") from None
+        raise GPConvError(f"cannot read task YAML {path}: {first_line(e)}") from None
     if not isinstance(cfg, dict):
         return None
     name = cfg.get("task") if isinstance(cfg.get("task"), str) else cfg.get("group")
@@ -108,8 +109,7 @@ def task_manager(tasks: str | Sequence[str]):
     try:
         get_task_dict(names, manager)
     except Exception as e:  # datasets / network / YAML errors of every kind: one line for the user
-        line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise GPConvError(f"cannot load lm-eval task(s) {', '.join(names)}: {line}") from None
+        raise GPConvError(f"cannot load lm-eval task(s) {', '.join(names)}: {first_line(e)}") from None
     return names, manager
 
 

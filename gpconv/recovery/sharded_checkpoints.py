@@ -52,8 +52,8 @@ def _barrier() -> None:
 
 
 def _states(model: nn.Module, optimizer) -> tuple[dict, dict]:
-    msd, osd = get_state_dict(model, optimizer, options=_OPTIONS)
-    return msd, osd
+    """The trainable parameters' and the optimizer's state dicts, of this process's shards."""
+    return get_state_dict(model, optimizer, options=_OPTIONS)
 
 
 def save_sharded_checkpoint(out_dir: str | Path, step: int, model: nn.Module, optimizer, scheduler,
