@@ -33,8 +33,8 @@ def fit_io_weight(
     out_f, in_f = w.shape
     oc = out_f // groups
     idx = gather_index.to(w.device)
-    equal = _equal_supports(idx)
-    if c64 is not None and equal is not None:
+    equal = None if c64 is None else _equal_supports(idx)  # C = I solves row by row below
+    if equal is not None:
         support, inv, mult = equal
         b = solve_groups(w.view(groups, oc, in_f), c64, support, ridge)
         # a channel reached by both G1 and G2 gets half the coefficient in each
