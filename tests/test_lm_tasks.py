@@ -4,11 +4,11 @@ import json
 import sys
 
 import pytest
-from tiny_models import TinyMLPLM
+from tiny_models import TinyMLPLM, save_teacher_student
 from typer.testing import CliRunner
 
 import gpconv
-from gpconv import GPConvConfig, GPConvError, shrink
+from gpconv import GPConvError
 from gpconv.hub import byte_tokenizer, tiny_phi3
 from gpconv.recovery import evaluate_tasks, resolve_tasks
 from gpconv_cli.main import app
@@ -97,10 +97,7 @@ def offline(monkeypatch):
 def setup(tmp_path_factory):
     """A teacher and its shrunk student (both saved with the byte tokenizer), two local tasks."""
     d = tmp_path_factory.mktemp("lmeval")
-    teacher, tok = tiny_phi3(seed=1, **SMALL)
-    gpconv.save_pretrained(teacher, d / "teacher", tok)
-    shrink(teacher, GPConvConfig(min_channels_per_group=16, init="project"))
-    gpconv.save_pretrained(teacher, d / "student", tok)
+    save_teacher_student(d)
     tasks = d / "tasks"
     tasks.mkdir()
     (d / "ppl.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))

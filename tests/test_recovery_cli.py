@@ -6,9 +6,9 @@ import pytest
 from typer.testing import CliRunner
 
 import gpconv
-from gpconv import GPConvConfig, shrink
 from gpconv.hub import tiny_phi3
 from gpconv_cli.main import app
+from tiny_models import save_teacher_student
 
 runner = CliRunner()
 SMALL = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
@@ -24,10 +24,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     d = tmp_path_factory.mktemp("cli")
-    teacher, tok = tiny_phi3(seed=1, **SMALL)
-    gpconv.save_pretrained(teacher, d / "teacher", tok)
-    shrink(teacher, GPConvConfig(min_channels_per_group=16, init="project"))
-    gpconv.save_pretrained(teacher, d / "student", tok)
+    save_teacher_student(d)
     rows = [{"instruction": f"Spell {w}", "output": " ".join(w), "input": ""} for w in ["cat", "dog", "emu", "owl"] * 8]
     (d / "data.json").write_text(json.dumps(rows))
     (d / "odd.jsonl").write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")

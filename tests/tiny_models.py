@@ -104,3 +104,18 @@ def shrunk_logit_errors(dense, ids, settings: dict) -> dict:
         with torch.no_grad():
             errs[label] = (m(ids).logits - ref).square().mean().item()
     return errs
+
+
+SMALL_PHI3 = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=4)
+
+
+def save_teacher_student(d):
+    """A small tiny-phi3 teacher (seed 1) and its io-shrunk student (-m 16, init project), both
+    saved under ``d`` with the byte tokenizer (``d/teacher``, ``d/student``)."""
+    import gpconv
+    from gpconv.hub import tiny_phi3
+
+    teacher, tok = tiny_phi3(seed=1, **SMALL_PHI3)
+    gpconv.save_pretrained(teacher, d / "teacher", tok)
+    gpconv.shrink(teacher, gpconv.GPConvConfig(min_channels_per_group=16, init="project"))
+    gpconv.save_pretrained(teacher, d / "student", tok)
